@@ -1,0 +1,44 @@
+"""Which sites a model exposes, read off one Dynamo capture of its forward."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .backend import fresh_entry_point
+from .sites import DecoderLayout, Site, decoder_layout, find_site_nodes
+
+_probe_ids = itertools.count()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[DecoderLayout, dict[Site, tuple[int, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def discover_sites(model: nn.Module) -> tuple[DecoderLayout, dict[Site, tuple[int, ...]]]:
+    """The model's decoder layout and every site its graph exposes, with the site's
+    shape on a 1x2-token probe input. Cached per model object.
+
+    The probe is traced with ``fullgraph=True`` and never executed by a compiler, so it
+    costs one Dynamo trace.
+    """
+    if model in _CACHE:
+        return _CACHE[model]
+    layout = decoder_layout(model)
+    found: dict[Site, tuple[int, ...]] = {}
+
+    def capture(gm: fx.GraphModule, example_inputs: Any) -> Any:
+        for site, site_node in find_site_nodes(gm.graph, model, layout).items():
+            found[site] = tuple(site_node.node.meta["example_value"].shape)
+        return gm.forward
+
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, 2, dtype=torch.long, device=device)
+    entry = fresh_entry_point(model.forward, f"probe_{next(_probe_ids)}")
+    with torch.no_grad():
+        torch.compile(entry, backend=capture, fullgraph=True)(input_ids=probe, use_cache=False)
+    _CACHE[model] = (layout, found)
+    return layout, found

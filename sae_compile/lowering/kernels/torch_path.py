@@ -1,0 +1,77 @@
+"""Plain-torch implementation of one site's steering (DESIGN §4).
+
+Per token ``x`` of a steered row ``r``, in this order:
+
+1. additive:  ``x <- x + add_vec[r]``
+2. SAE edits with clamped features ``i`` becoming ``mul_i * f_i + shift_i``:
+   - delta rows:        ``x <- x + sum_i (f'_i - f_i) W_dec[i]``   (error term kept)
+   - reconstruct rows:  ``x <- f' @ W_dec + b_dec``                (error term dropped)
+
+Delta rows of an elementwise SAE (ReLU/JumpReLU) only need the clamped features, so they
+cost O(K·D) per token (the *sparse* path). Reconstruct rows and TopK SAEs need every
+feature (the *full* path). Tokens that are not steered are returned bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...runtime.state import SiteState
+
+
+def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new tensor."""
+    batch, seq, _ = x.shape
+    rows, mask = site.routing.view(batch, seq)  # [B], [B, S]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    # A captured graph must contain every path a later replay may need.
+    out = x
+    if site.any_add or capturing:
+        vec = site.add_vec[rows]  # [B, D]
+        out = torch.where(mask[..., None], out + vec[:, None, :], out)
+    if site.any_sparse or (capturing and site.elementwise):
+        out = _sparse_delta(out, rows, mask & site.sparse_row[rows][:, None], site)
+    if site.any_full or (capturing and site.d_sae > 0):
+        out = _full_path(out, rows, mask & site.full_row[rows][:, None], site)
+    return x.clone() if out is x else out
+
+
+def _sparse_delta(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
+    idx = site.clamp_idx[rows]  # [B, C]
+    pre = torch.einsum("bsd,bcd->bsc", x, site.W_enc_t[idx]) + site.b_enc[idx][:, None, :]  # [B, S, C]
+    f = torch.where(pre > site.threshold[idx][:, None, :], pre, torch.zeros_like(pre)).float()  # [B, S, C]
+    coef = (site.clamp_mul[rows] - 1.0)[:, None, :] * f + site.clamp_shift[rows][:, None, :]  # [B, S, C]
+    delta = torch.einsum("bsc,bcd->bsd", coef.to(x.dtype), site.W_dec[idx])  # [B, S, D]
+    return torch.where(mask[..., None], x + delta, x)
+
+
+def _full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
+    batch, seq, d = x.shape
+    flat = x.reshape(batch * seq, d)  # [N, D]
+    token_rows = rows.repeat_interleave(seq)  # [N]
+    token_mask = mask.reshape(-1)  # [N]
+    if x.is_cuda:
+        # No data-dependent sizes on the device: compute every token, keep the steered ones.
+        steered = _full_tokens(flat, token_rows, site)
+        return torch.where(token_mask[:, None], steered, flat).view(batch, seq, d)
+    selected = token_mask.nonzero().squeeze(1)  # [n]; a host sync is free on the CPU
+    out = flat.clone()
+    out[selected] = _full_tokens(flat[selected], token_rows[selected], site)
+    return out.view(batch, seq, d)
+
+
+def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """Full-path steering of tokens ``x [n, D]`` whose rows are ``token_rows [n]``."""
+    pre = F.linear(x, site.W_enc_t, site.b_enc)  # [n, F]
+    if site.activation == "topk":
+        top = torch.relu(pre).topk(site.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)  # [n, F]
+    else:
+        f = torch.where(pre > site.threshold, pre, torch.zeros_like(pre))  # [n, F]
+    idx = site.clamp_idx[token_rows]  # [n, C]
+    coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
+    df = torch.zeros_like(f).scatter_add(1, idx, coef.to(f.dtype))  # [n, F] = f' - f
+    recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]
+    decoded = torch.where(recon, f + df, df) @ site.W_dec  # [n, D]
+    return torch.where(recon, decoded + site.b_dec, x + decoded)

@@ -1,0 +1,34 @@
+"""The one opaque op that steering lowers to: ``torch.ops.sae_compile.steer``.
+
+``steer(x, site) -> Tensor``
+
+- ``x``: a residual-stream tensor ``[batch, seq, d_model]``.
+- ``site``: the handle of a registered ``SiteState`` (see ``runtime.state``). All steering
+  state (SAE weights, per-row tables, routing) is read through it at run time.
+
+Aliasing and mutation: the output is always a fresh tensor, never a view of ``x``; the op
+mutates none of its arguments and none of the state it reads. It performs no host sync on
+CUDA and allocates only sizes fixed by ``x``'s shape. Its fake implementation returns an
+empty tensor like ``x``, so shapes, strides and dtype are those of the input.
+There is no autograd formula: steering is for inference (``torch.no_grad()``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..runtime.state import lookup_site
+from .kernels.torch_path import steer_site
+
+
+@torch.library.custom_op("sae_compile::steer", mutates_args=())
+def steer(x: torch.Tensor, site: str) -> torch.Tensor:
+    return steer_site(x, lookup_site(site))
+
+
+@steer.register_fake
+def _(x: torch.Tensor, site: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+STEER_OP = torch.ops.sae_compile.steer.default

@@ -1,0 +1,338 @@
+"""``sc.steer()``: compile an HF model with SAE steering sites, and the model it returns."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .lowering.backend import InnerBackend, SteeringBackend, fresh_entry_point, resolve_inner_backend
+from .lowering.discovery import discover_sites
+from .lowering.sites import DecoderLayout, Site, SiteKind
+from .runtime.staging import SteeringArg, StagedBatch, commit, per_row_steerings, stage
+from .runtime.state import Capacity, RoutingState, SiteState, register_site
+from .sae import SAE
+
+_model_ids = itertools.count()
+
+
+def steer(
+    model: nn.Module,
+    saes: Mapping[str, SAE] | Sequence[SAE] | None = None,
+    *,
+    sites: Sequence[str] = (),
+    backend: InnerBackend = "inductor",
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    dynamic: bool | None = None,
+    fullgraph: bool = True,
+    max_rows: int = 8,
+    max_clamps: int = 16,
+    max_batch: int = 32,
+    max_tokens: int = 16384,
+    on_graph: Callable[[fx.GraphModule], None] | None = None,
+) -> SteeredModel:
+    """Compile ``model`` so that the given sites can be steered without recompiling.
+
+    ``saes`` attaches an SAE per site: ``{site: SAE}``, or a list of SAEs placed at their
+    ``hook_name``. ``sites`` attaches further sites for additive steering (``AddVector``)
+    only. Site names are TransformerLens hook names (``blocks.3.hook_resid_post``) or HF
+    module paths (``model.layers.3`` = resid_post, ``.self_attn`` = attn_out, ``.mlp`` =
+    mlp_out).
+
+    ``backend``, ``mode``, ``options``, ``dynamic`` and ``fullgraph`` mean what they mean
+    to ``torch.compile``. ``max_rows`` (distinct steerings per forward), ``max_clamps``
+    (clamped features per steering and site), ``max_batch`` and ``max_tokens`` (batch x
+    sequence per forward) size the static state. With nothing attached, the result is
+    plain ``torch.compile``. The model's weights and modules are not modified.
+    """
+    capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens)
+    layout, available = discover_sites(model)
+    attached = _attach(layout, available, _sae_by_site(saes), sites)
+    param = next(model.parameters())
+    tag = f"m{next(_model_ids)}"
+    routing = RoutingState(capacity, param.device)
+    states: dict[Site, SiteState] = {}
+    for site, sae in attached.items():
+        if sae is not None and sae.d_in != layout.hidden_size:
+            raise ValueError(
+                f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the model's hidden size is "
+                f"{layout.hidden_size}. It was trained on a different model or site."
+            )
+    for site, sae in attached.items():
+        states[site] = SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
+        register_site(f"{tag}:{site.name}", states[site])
+    inner = resolve_inner_backend(backend, mode, options)
+    if attached:
+        handles = {site: f"{tag}:{site.name}" for site in attached}
+        inner = SteeringBackend(model, layout, handles, inner, on_graph)
+    compiled = torch.compile(fresh_entry_point(model.forward, tag), backend=inner, dynamic=dynamic, fullgraph=fullgraph)
+    return SteeredModel(model, layout, available, states, routing, compiled)
+
+
+def _sae_by_site(saes: Mapping[str, SAE] | Sequence[SAE] | None) -> list[tuple[str, SAE]]:
+    if saes is None:
+        return []
+    if isinstance(saes, Mapping):
+        pairs = list(saes.items())
+    elif isinstance(saes, (list, tuple)):
+        pairs = []
+        for sae in saes:
+            if not isinstance(sae, SAE):
+                raise TypeError(f"steer(): a list of SAEs must hold SAE objects, got {type(sae).__name__}.")
+            if sae.hook_name is None:
+                raise ValueError(
+                    "steer(): an SAE in a list must have a hook_name saying where it goes; "
+                    "pass {site: sae} instead, or build the SAE with hook_name=..."
+                )
+            pairs.append((sae.hook_name, sae))
+    else:
+        raise TypeError(f"steer(): saes must be a dict {{site: SAE}} or a list of SAEs, got {type(saes).__name__}.")
+    for name, sae in pairs:
+        if not isinstance(sae, SAE):
+            raise TypeError(f"steer(): the value for site {name!r} must be an SAE, got {type(sae).__name__}.")
+    return pairs
+
+
+def _attach(
+    layout: DecoderLayout,
+    available: dict[Site, tuple[int, ...]],
+    saes: list[tuple[str, SAE]],
+    additive: Sequence[str],
+) -> dict[Site, SAE | None]:
+    if isinstance(additive, str):
+        raise TypeError("steer(): sites= takes a list of site names, not a single string.")
+    attached: dict[Site, SAE | None] = {}
+    for name, sae in [*saes, *((name, None) for name in additive)]:
+        site = resolve_site(layout, available, name)
+        if site in attached and (sae is not None or attached[site] is not None):
+            raise ValueError(f"steer(): site {site.name} is given twice ({name!r}); attach one SAE per site.")
+        attached[site] = sae if sae is not None else attached.get(site)
+    return attached
+
+
+def resolve_site(layout: DecoderLayout, available: dict[Site, tuple[int, ...]], name: str) -> Site:
+    """The exposed site ``name`` refers to, or a ValueError listing the available ones."""
+    names = ", ".join(site.name for site in sorted(available))
+    try:
+        site = layout.resolve(name)
+    except ValueError:
+        raise ValueError(
+            f"Unknown site {name!r}. Available sites: {names}. HF module paths work too "
+            f"(e.g. {layout.layer_paths[0]!r} for resid_post)."
+        ) from None
+    if site not in available:
+        if site.kind is SiteKind.RESID_MID:
+            raise ValueError(
+                f"Site {name!r} does not exist: layer {site.layer} adds attention and MLP to the residual "
+                "stream in parallel, so there is no resid_mid between them. Use hook_resid_pre, "
+                "hook_attn_out, hook_mlp_out or hook_resid_post."
+            )
+        raise ValueError(f"Site {name!r} was not found in the model's graph. Available sites: {names}.")
+    return site
+
+
+class SteeredModel:
+    """A compiled HF model whose attached sites can be steered per call without recompiling.
+
+    ``steering=`` on ``__call__`` and ``generate`` takes ``None``, a ``Steering``, a list of
+    edits (applied to every row), or a list with one ``Steering``-or-``None`` per batch row.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: DecoderLayout,
+        available: dict[Site, tuple[int, ...]],
+        states: dict[Site, SiteState],
+        routing: RoutingState,
+        compiled: Callable[..., Any],
+    ) -> None:
+        self.model = model
+        self._layout = layout
+        self._available = available
+        self._states = states
+        self._by_name = {site.name: state for site, state in states.items()}
+        self._routing = routing
+        self._compiled = compiled
+        self._committed: tuple = ()
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site this model exposes, in forward order."""
+        return tuple(site.name for site in sorted(self._available))
+
+    @property
+    def attached_sites(self) -> tuple[str, ...]:
+        """The sites steering can act on (those passed to ``sc.steer``), in forward order."""
+        return tuple(site.name for site in sorted(self._states))
+
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each exposed site's tensor shape on a 1x2-token probe (``[1, 2, d_model]``)."""
+        return {site.name: shape for site, shape in sorted(self._available.items())}
+
+    def steering_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the op reads, by name. They live at fixed addresses for the model's life."""
+        state = dict(self._routing.tensors())
+        for site in sorted(self._states):
+            state.update(self._states[site].tensors())
+        return state
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        steering: SteeringArg = None,
+        prompt_len: int | Sequence[int] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the compiled forward with ``steering``; other arguments are HF forward kwargs.
+
+        Token scope: positions (cache positions) before ``prompt_len`` are "prompt". By
+        default every token of a call on an empty cache is prompt, and every token of a
+        call that continues a cache is generated.
+        """
+        _require_no_grad()
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("SteeredModel: pass input_ids or inputs_embeds.")
+        batch, seq = tokens.shape[:2]
+        staged = self._stage(steering, batch, seq)
+        positions = _positions(seq, kwargs, tokens.device)
+        if prompt_len is None:
+            prompt_len = seq if _past_length(kwargs) == 0 else _past_length(kwargs)
+        self._commit(staged)
+        self._route(staged.rows, staged.scopes, positions, prompt_len, attention_mask)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self._compiled(input_ids, **kwargs)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        steering: SteeringArg = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """HF ``generate`` whose prefill and decode steps both run the steered compiled forward.
+
+        ``tokens="prompt"`` steers the ``input_ids`` positions; ``"generated"`` the new ones.
+        All other arguments (generation config, streamer, sampling) are HF's.
+        """
+        batch, prompt_len = input_ids.shape
+        staged = self._stage(steering, batch, prompt_len)
+        self._commit(staged)
+        rows, scopes = torch.tensor(staged.rows), torch.tensor(staged.scopes)
+        compiled = self._compiled
+
+        @functools.wraps(self.model.forward)
+        def steered_forward(input_ids: torch.Tensor | None = None, *args: Any, **kw: Any) -> Any:
+            tokens = input_ids if input_ids is not None else kw["inputs_embeds"]
+            step_batch, seq = tokens.shape[:2]
+            if step_batch % batch:
+                raise ValueError(f"generate: batch changed from {batch} to {step_batch} mid-generation.")
+            expand = step_batch // batch
+            self._route(
+                tuple(rows.repeat_interleave(expand).tolist()), tuple(scopes.repeat_interleave(expand).tolist()),
+                _positions(seq, kw, tokens.device), prompt_len, kw.get("attention_mask"),
+            )
+            return compiled(input_ids, *args, **kw)
+
+        kwargs.setdefault("disable_compile", True)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        with _forward_replaced(self.model, steered_forward):
+            return self.model.generate(input_ids, **kwargs)
+
+    def _stage(self, steering: SteeringArg, batch: int, seq: int) -> StagedBatch:
+        capacity = self._routing.capacity
+        if batch > capacity.max_batch:
+            raise ValueError(f"batch of {batch} rows exceeds max_batch={capacity.max_batch}; pass a larger max_batch to sc.steer().")
+        if batch * seq > capacity.max_tokens:
+            raise ValueError(
+                f"{batch}x{seq}={batch * seq} tokens exceed max_tokens={capacity.max_tokens}; "
+                "pass a larger max_tokens to sc.steer()."
+            )
+        per_row = per_row_steerings(steering, batch)
+        if tuple(s for s in per_row if s is not None) and not self._states:
+            raise ValueError("steering was given but no site is attached; pass saes= or sites= to sc.steer().")
+        return stage(per_row, self._by_name, self._resolve_attached, capacity.max_rows)
+
+    def _resolve_attached(self, name: str) -> str:
+        site = resolve_site(self._layout, self._available, name)
+        if site not in self._states:
+            attached = ", ".join(self.attached_sites) or "none"
+            raise ValueError(
+                f"Site {name!r} ({site.name}) is not attached, so it cannot be steered. Attached sites: "
+                f"{attached}. Attaching a new site needs a new sc.steer() (one recompile)."
+            )
+        return site.name
+
+    def _commit(self, staged: StagedBatch) -> None:
+        if staged.distinct != self._committed:
+            commit(staged, self._by_name)
+            self._committed = staged.distinct
+
+    def _route(
+        self,
+        rows: tuple[int, ...],
+        scopes: tuple[int, ...],
+        positions: torch.Tensor,
+        prompt_len: int | Sequence[int] | torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
+        device = self._routing.batch_rows.device
+        batch, seq = len(rows), positions.shape[-1]
+        row_t = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)  # [B]
+        scope_t = torch.tensor(scopes, dtype=torch.long).to(device, non_blocking=True)[:, None]  # [B, 1]
+        plen = torch.as_tensor(prompt_len, dtype=torch.long).to(device).reshape(-1, 1)  # [B or 1, 1]
+        in_prompt = positions.to(device).reshape(1, seq) < plen  # [B, S]
+        mask = (scope_t == 1) | ((scope_t == 2) & in_prompt) | ((scope_t == 3) & ~in_prompt)  # [B, S]
+        if attention_mask is not None:
+            mask = mask & (attention_mask[:, -seq:] != 0).to(device)  # padding is never steered
+        self._routing.write(row_t, mask.expand(batch, seq))
+
+
+def _require_no_grad() -> None:
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "SteeredModel called with gradients enabled. The steering op has no autograd formula, so "
+            "backward would fail. Wrap the call in torch.no_grad() or torch.inference_mode()."
+        )
+
+
+def _past_length(kwargs: dict[str, Any]) -> int:
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
+
+
+def _positions(seq: int, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Positions ``[S]`` of this call's tokens in the (padded) sequence."""
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:
+        return cache_position
+    return torch.arange(seq, device=device) + _past_length(kwargs)
+
+
+@contextlib.contextmanager
+def _forward_replaced(model: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Route ``model(...)`` through ``forward`` for the duration, restoring it afterwards."""
+    had_own = "forward" in vars(model)
+    previous = vars(model).get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = previous
+        else:
+            del model.forward
