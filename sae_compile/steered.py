@@ -309,7 +309,8 @@ def _require_no_grad() -> None:
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
-    past = kwargs.get("past_key_values")
+    # transformers 5 renamed the forward keyword ``past_key_values`` to ``cache``.
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
     if past is None:
         return 0
     return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])

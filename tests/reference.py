@@ -24,7 +24,7 @@ import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,10 +37,10 @@ if __package__:  # imported as ``tests.reference``
 else:  # imported as top-level ``reference`` (pytest's rootdir-less "prepend" import mode)
     import models as _models  # type: ignore[no-redef]
 
-Edit = Union[Clamp, AddVector, Reconstruct]
+Edit = Clamp | AddVector | Reconstruct
 #: What ``steering=`` accepts (DESIGN §3): None; a Steering or a list of edits for every
 #: row; or a list with one Steering-or-None per batch row.
-SteeringArg = Union[None, Steering, Sequence[Edit], Sequence[Union[Steering, None]]]
+SteeringArg = Steering | Sequence[Edit] | Sequence[Steering | None] | None
 
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
