@@ -25,7 +25,7 @@ def resolve_inner_backend(backend: InnerBackend, mode: str | None, options: dict
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {**list_mode_options(mode), **(options or {})}
+        patches = {**list_mode_options(mode or "default"), **(options or {})}
 
         def inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
             return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,100 @@
+"""generate(): HF generate semantics, with prefill and decode both on the steered compiled forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import sae_compile as sc
+from tests.factories import random_sae
+from tests.models import hidden_size, make_model
+from tests.reference import reference_generate
+
+POST = "blocks.1.hook_resid_post"
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model("llama", seed=5)
+    d = hidden_size(model)
+    saes = {POST: random_sae(d, 48, "jumprelu", seed=2), "blocks.0.hook_mlp_out": random_sae(d, 32, "topk", k=4)}
+    steered = sc.steer(model, saes, backend="aot_eager")
+    return model, saes, steered
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    ids[2, :1], mask[2, :1] = 0, 0
+    return ids, mask
+
+
+def generate(steered, model, **kwargs) -> torch.Tensor:
+    cfg = model.generation_config
+    return steered.generate(max_new_tokens=NEW, do_sample=False, eos_token_id=cfg.eos_token_id,
+                            pad_token_id=cfg.pad_token_id, **kwargs)
+
+
+def reference(model, saes, **kwargs) -> torch.Tensor:
+    cfg = model.generation_config
+    return reference_generate(model, saes=saes, max_new_tokens=NEW, eos_token_id=cfg.eos_token_id,
+                              pad_token_id=cfg.pad_token_id, **kwargs)
+
+
+STEERINGS = {
+    "all": sc.Steering(sc.Clamp(POST, 4, 6.0), sc.AddVector("blocks.0.hook_mlp_out", torch.ones(32), -1.0)),
+    "prompt": sc.Steering(sc.Clamp(POST, 9, 8.0), sc.Reconstruct("blocks.0.hook_mlp_out"), tokens="prompt"),
+    "generated": sc.Steering(sc.Clamp(POST, 4, 6.0, "add"), tokens="generated"),
+}
+
+
+@pytest.mark.parametrize("scope", list(STEERINGS))
+def test_greedy_generate_matches_reference(setup, scope: str) -> None:
+    model, saes, steered = setup
+    ids, mask = prompts()
+    steering = STEERINGS[scope]
+    got = generate(steered, model, input_ids=ids, attention_mask=mask, steering=steering)
+    expected = reference(model, saes, input_ids=ids, attention_mask=mask, steering=steering)
+    unsteered = reference(model, saes, input_ids=ids, attention_mask=mask, steering=None)
+    assert not torch.equal(expected, unsteered), "the steering must change the greedy text"
+    assert torch.equal(got, expected)
+
+
+def test_generated_scope_leaves_first_new_token(setup) -> None:
+    model, saes, steered = setup
+    ids, mask = prompts()
+    got = generate(steered, model, input_ids=ids, attention_mask=mask, steering=STEERINGS["generated"])
+    plain = generate(steered, model, input_ids=ids, attention_mask=mask, steering=None)
+    width = ids.shape[1]
+    assert torch.equal(got[:, width], plain[:, width])
+    assert not torch.equal(got, plain)
+
+
+def test_per_row_steering_in_a_padded_batch(setup) -> None:
+    model, saes, steered = setup
+    ids, mask = prompts()
+    per_row = [STEERINGS["all"], None, STEERINGS["prompt"]]
+    got = generate(steered, model, input_ids=ids, attention_mask=mask, steering=per_row)
+    assert torch.equal(got, reference(model, saes, input_ids=ids, attention_mask=mask, steering=per_row))
+
+
+def test_changing_steering_between_generations_adds_no_graph(setup) -> None:
+    model, _, steered = setup
+    ids, mask = prompts()
+    generate(steered, model, input_ids=ids, attention_mask=mask, steering=STEERINGS["all"])
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for steering in (STEERINGS["prompt"], None, [None, STEERINGS["generated"], STEERINGS["all"]]):
+            generate(steered, model, input_ids=ids, attention_mask=mask, steering=steering)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_generate_leaves_model_untouched(setup) -> None:
+    model, _, steered = setup
+    ids, mask = prompts()
+    generate(steered, model, input_ids=ids, attention_mask=mask, steering=STEERINGS["all"])
+    assert "forward" not in vars(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
