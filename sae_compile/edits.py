@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -106,7 +106,7 @@ class Reconstruct:
         _site_name("Reconstruct", self.site)
 
 
-Edit = Union[Clamp, AddVector, Reconstruct]
+Edit = Clamp | AddVector | Reconstruct
 EDIT_TYPES = (Clamp, AddVector, Reconstruct)
 
 

@@ -11,10 +11,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .edits import AddVector, Clamp, Reconstruct, Steering
 from .lowering.backend import InnerBackend, SteeringBackend, fresh_entry_point, resolve_inner_backend
 from .lowering.discovery import discover_sites
 from .lowering.sites import DecoderLayout, Site, SiteKind
-from .runtime.staging import SteeringArg, StagedBatch, commit, per_row_steerings, stage
+from .runtime.slots import SlotManager
+from .runtime.staging import SteeringArg, per_row_steerings
 from .runtime.state import Capacity, RoutingState, SiteState, register_site
 from .sae import SAE
 
@@ -137,11 +139,24 @@ def resolve_site(layout: DecoderLayout, available: dict[Site, tuple[int, ...]], 
     return site
 
 
+class _CallRow:
+    """Request id of the rows that ``steering=`` on a call admits; never equal to a user's id."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<call steering {self.index}>"
+
+
 class SteeredModel:
     """A compiled HF model whose attached sites can be steered per call without recompiling.
 
     ``steering=`` on ``__call__`` and ``generate`` takes ``None``, a ``Steering``, a list of
     edits (applied to every row), or a list with one ``Steering``-or-``None`` per batch row.
+    Production loops use ``slots`` (admit / update / release / assign) and ``step`` instead.
     """
 
     def __init__(
@@ -159,8 +174,11 @@ class SteeredModel:
         self._states = states
         self._by_name = {site.name: state for site, state in states.items()}
         self._routing = routing
+        self._device = routing.batch_rows.device
         self._compiled = compiled
-        self._committed: tuple = ()
+        self.slots = SlotManager(self._by_name, routing, self._resolve_attached)
+        self._call_steerings: tuple[Steering, ...] = ()
+        self._call_ids: tuple[_CallRow, ...] = ()
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -189,29 +207,44 @@ class SteeredModel:
         attention_mask: torch.Tensor | None = None,
         *,
         steering: SteeringArg = None,
-        prompt_len: int | Sequence[int] | torch.Tensor | None = None,
+        prompt_len: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the compiled forward with ``steering``; other arguments are HF forward kwargs.
 
-        Token scope: positions (cache positions) before ``prompt_len`` are "prompt". By
-        default every token of a call on an empty cache is prompt, and every token of a
-        call that continues a cache is generated.
+        Token scope: positions (cache positions) before ``prompt_len`` (an int, or one per
+        row) are "prompt". By default every token of a call on an empty cache is prompt,
+        and every token of a call that continues a cache is generated.
         """
         _require_no_grad()
-        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if tokens is None:
-            raise ValueError("SteeredModel: pass input_ids or inputs_embeds.")
-        batch, seq = tokens.shape[:2]
-        staged = self._stage(steering, batch, seq)
-        positions = _positions(seq, kwargs, tokens.device)
+        batch, seq = _batch_and_seq(input_ids, kwargs)
+        past = _past_length(kwargs)
         if prompt_len is None:
-            prompt_len = seq if _past_length(kwargs) == 0 else _past_length(kwargs)
-        self._commit(staged)
-        self._route(staged.rows, staged.scopes, positions, prompt_len, attention_mask)
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        return self._compiled(input_ids, **kwargs)
+            prompt_len = seq if past == 0 else past
+        prompt_lens = [prompt_len] * batch if isinstance(prompt_len, int) else [int(p) for p in prompt_len]
+        if len(prompt_lens) != batch:
+            raise ValueError(f"prompt_len has {len(prompt_lens)} entries for a batch of {batch}.")
+        self._assign_call(per_row_steerings(steering, batch), prompt_lens, seq)
+        return self.step(input_ids, attention_mask=attention_mask, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+
+    def step(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *args: Any,
+        positions: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One forward with the current slot assignment (``slots.assign``): the hot path.
+
+        ``positions`` (``[S]`` or ``[B, S]`` on the model's device) are the tokens' cache
+        positions; they decide prompt vs generated scope on the device, so a captured CUDA
+        graph follows them from step to step. Default: the cache length plus ``arange(S)``.
+        """
+        batch, seq = _batch_and_seq(input_ids, kwargs)
+        if positions is None:
+            positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
+        self._routing.route(positions, kwargs.get("attention_mask"), batch, seq)
+        return self._compiled(input_ids, *args, **kwargs)
 
     def generate(
         self,
@@ -227,31 +260,71 @@ class SteeredModel:
         All other arguments (generation config, streamer, sampling) are HF's.
         """
         batch, prompt_len = input_ids.shape
-        staged = self._stage(steering, batch, prompt_len)
-        self._commit(staged)
-        rows, scopes = torch.tensor(staged.rows), torch.tensor(staged.scopes)
-        compiled = self._compiled
+        per_row = per_row_steerings(steering, batch)
+        self._assign_call(per_row, [prompt_len] * batch, prompt_len)
+        batch_ids = self._call_batch(per_row)
+        assigned = [batch]
 
         @functools.wraps(self.model.forward)
         def steered_forward(input_ids: torch.Tensor | None = None, *args: Any, **kw: Any) -> Any:
-            tokens = input_ids if input_ids is not None else kw["inputs_embeds"]
-            step_batch, seq = tokens.shape[:2]
-            if step_batch % batch:
-                raise ValueError(f"generate: batch changed from {batch} to {step_batch} mid-generation.")
-            expand = step_batch // batch
-            self._route(
-                tuple(rows.repeat_interleave(expand).tolist()), tuple(scopes.repeat_interleave(expand).tolist()),
-                _positions(seq, kw, tokens.device), prompt_len, kw.get("attention_mask"),
-            )
-            return compiled(input_ids, *args, **kw)
+            step_batch, _ = _batch_and_seq(input_ids, kw)
+            if step_batch != assigned[0]:
+                # Beam search and num_return_sequences repeat each prompt row in place.
+                if step_batch % batch:
+                    raise ValueError(f"generate: batch changed from {batch} to {step_batch} mid-generation.")
+                expand = step_batch // batch
+                self.slots.assign([r for r in batch_ids for _ in range(expand)], [prompt_len] * step_batch)
+                assigned[0] = step_batch
+            return self.step(input_ids, *args, **kw)
 
         kwargs.setdefault("disable_compile", True)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        with _forward_replaced(self.model, steered_forward):
+        with torch.no_grad(), _forward_replaced(self.model, steered_forward):
             return self.model.generate(input_ids, **kwargs)
 
-    def _stage(self, steering: SteeringArg, batch: int, seq: int) -> StagedBatch:
+    def load_sae(self, site: str, sae: SAE) -> None:
+        """Hot-swap the SAE at an attached site in place: no recompile, live rows keep working.
+
+        The new SAE must have the same activation (and ``k``) and at most the attached SAE's
+        width. Attaching a new site needs ``sc.steer()`` again, which recompiles.
+        """
+        if not isinstance(sae, SAE):
+            raise TypeError(f"load_sae: expected an SAE, got {type(sae).__name__}.")
+        self._by_name[self._resolve_attached(site)].swap_sae(sae)
+
+    def warmup(self, shapes: Sequence[tuple[int, int]], repeats: int = 3, **kwargs: Any) -> None:
+        """Compile and run every ``(batch, seq)`` bucket a loop will use, through every op path.
+
+        Each bucket runs ``repeats`` times with steering that exercises the additive, sparse
+        and full paths at every attached site, so compilation, CUDA-graph recording and
+        lazy kernel initialisation all happen here and not inside the loop. ``kwargs`` are
+        passed to each forward (e.g. ``use_cache=False``). Leaves the steering state as it was.
+        """
+        exercise = self._warmup_steerings()
+        ids = [_CallRow(-1 - i) for i in range(len(exercise))]
+        self.slots.replace((), {rid: (s, 0) for rid, s in zip(ids, exercise, strict=True)})
+        try:
+            for batch, seq in shapes:
+                self._check_tokens(batch, seq)
+                rows = [ids[b % len(ids)] if ids else None for b in range(batch)]
+                self.slots.assign(rows, [seq // 2] * batch)
+                tokens = torch.zeros(batch, seq, dtype=torch.long, device=self._device)
+                for _ in range(repeats):
+                    with torch.no_grad():
+                        self.step(tokens, **kwargs)
+        finally:
+            self.slots.replace(ids, {})
+
+    def _warmup_steerings(self) -> list[Steering]:
+        sae_sites = [name for name, state in self._by_name.items() if state.d_sae > 0]
+        additive = [AddVector(name, torch.zeros(state.hidden_size)) for name, state in self._by_name.items()]
+        steerings = [Steering(*additive, *(Clamp(name, 0, 0.0, "add") for name in sae_sites))] if additive else []
+        if sae_sites:
+            steerings.append(Steering(*(Reconstruct(name) for name in sae_sites), tokens="prompt"))
+        return steerings
+
+    def _check_tokens(self, batch: int, seq: int) -> None:
         capacity = self._routing.capacity
         if batch > capacity.max_batch:
             raise ValueError(f"batch of {batch} rows exceeds max_batch={capacity.max_batch}; pass a larger max_batch to sc.steer().")
@@ -260,10 +333,22 @@ class SteeredModel:
                 f"{batch}x{seq}={batch * seq} tokens exceed max_tokens={capacity.max_tokens}; "
                 "pass a larger max_tokens to sc.steer()."
             )
-        per_row = per_row_steerings(steering, batch)
-        if tuple(s for s in per_row if s is not None) and not self._states:
+
+    def _assign_call(self, per_row: list[Steering | None], prompt_lens: list[int], seq: int) -> None:
+        """Admit the distinct steerings of a call (atomically replacing the last call's) and route."""
+        self._check_tokens(len(per_row), seq)
+        distinct = tuple(dict.fromkeys(s for s in per_row if s is not None))
+        if distinct and not self._states:
             raise ValueError("steering was given but no site is attached; pass saes= or sites= to sc.steer().")
-        return stage(per_row, self._by_name, self._resolve_attached, capacity.max_rows)
+        if distinct != self._call_steerings:
+            ids = tuple(_CallRow(i) for i in range(len(distinct)))
+            self.slots.replace(self._call_ids, {rid: (s, 0) for rid, s in zip(ids, distinct, strict=True)})
+            self._call_steerings, self._call_ids = distinct, ids
+        self.slots.assign(self._call_batch(per_row), prompt_lens)
+
+    def _call_batch(self, per_row: list[Steering | None]) -> list[_CallRow | None]:
+        index = {s: rid for s, rid in zip(self._call_steerings, self._call_ids, strict=True)}
+        return [None if s is None else index[s] for s in per_row]
 
     def _resolve_attached(self, name: str) -> str:
         site = resolve_site(self._layout, self._available, name)
@@ -275,30 +360,6 @@ class SteeredModel:
             )
         return site.name
 
-    def _commit(self, staged: StagedBatch) -> None:
-        if staged.distinct != self._committed:
-            commit(staged, self._by_name)
-            self._committed = staged.distinct
-
-    def _route(
-        self,
-        rows: tuple[int, ...],
-        scopes: tuple[int, ...],
-        positions: torch.Tensor,
-        prompt_len: int | Sequence[int] | torch.Tensor,
-        attention_mask: torch.Tensor | None,
-    ) -> None:
-        device = self._routing.batch_rows.device
-        batch, seq = len(rows), positions.shape[-1]
-        row_t = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)  # [B]
-        scope_t = torch.tensor(scopes, dtype=torch.long).to(device, non_blocking=True)[:, None]  # [B, 1]
-        plen = torch.as_tensor(prompt_len, dtype=torch.long).to(device).reshape(-1, 1)  # [B or 1, 1]
-        in_prompt = positions.to(device).reshape(1, seq) < plen  # [B, S]
-        mask = (scope_t == 1) | ((scope_t == 2) & in_prompt) | ((scope_t == 3) & ~in_prompt)  # [B, S]
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, -seq:] != 0).to(device)  # padding is never steered
-        self._routing.write(row_t, mask.expand(batch, seq))
-
 
 def _require_no_grad() -> None:
     if torch.is_grad_enabled():
@@ -306,6 +367,13 @@ def _require_no_grad() -> None:
             "SteeredModel called with gradients enabled. The steering op has no autograd formula, so "
             "backward would fail. Wrap the call in torch.no_grad() or torch.inference_mode()."
         )
+
+
+def _batch_and_seq(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[int, int]:
+    tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ValueError("SteeredModel: pass input_ids or inputs_embeds.")
+    return tokens.shape[0], tokens.shape[1]
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
@@ -316,12 +384,12 @@ def _past_length(kwargs: dict[str, Any]) -> int:
     return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
 
 
-def _positions(seq: int, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Positions ``[S]`` of this call's tokens in the (padded) sequence."""
+def _positions(seq: int, past: int, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Cache positions ``[S]`` of this call's tokens in the (padded) sequence."""
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
         return cache_position
-    return torch.arange(seq, device=device) + _past_length(kwargs)
+    return torch.arange(past, past + seq, device=device)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch
 
 import sae_compile.lowering.op  # noqa: F401 - registers torch.ops.sae_compile.steer
 from sae_compile import AddVector, Clamp, Reconstruct, Steering
-from sae_compile.runtime.staging import commit, stage
+from sae_compile.runtime.slots import SlotManager
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState, register_site
 from tests.factories import assert_rel_close, random_sae
 from tests.reference import apply_steering_at_site, token_scope_mask
@@ -25,11 +25,11 @@ def make_site(sae, handle: str, capacity: Capacity = Capacity(max_rows=4, max_cl
 
 
 def route(state: SiteState, per_row: list, seq: int) -> None:
-    staged = stage(per_row, {SITE: state}, lambda name: name, state.capacity.max_rows)
-    commit(staged, {SITE: state})
-    rows = torch.tensor(staged.rows)
-    mask = (rows != 0)[:, None].expand(len(per_row), seq)
-    state.routing.write(rows, mask)
+    """Give row b steering per_row[b] (scope "all") for a [len(per_row), seq] forward."""
+    slots = SlotManager({SITE: state}, state.routing, lambda name: name)
+    slots.replace((), {b: (s, 0) for b, s in enumerate(per_row)})
+    slots.assign(list(range(len(per_row))), [seq] * len(per_row))
+    state.routing.route(torch.arange(seq), None, len(per_row), seq)
 
 
 @pytest.fixture(scope="module", params=["relu", "jumprelu", "topk"])

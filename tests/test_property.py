@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import sae_compile as sc
 import sae_compile.lowering.op  # noqa: F401 - registers torch.ops.sae_compile.steer
-from sae_compile.runtime.staging import commit, stage
+from sae_compile.runtime.slots import SlotManager
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState, register_site
 from tests.factories import assert_rel_close, random_sae
 from tests.models import hidden_size, make_model
@@ -57,12 +57,13 @@ def test_op_matches_reference(data, spec: dict, d: int, batch: int, seq: int) ->
                       torch.device("cpu"))
     register_site("property:op", state)
     per_row = data.draw(st.lists(st.none() | steerings({SITE: d_sae}, d), min_size=batch, max_size=batch))
-    staged = stage(per_row, {SITE: state}, lambda name: name, capacity.max_rows)
-    commit(staged, {SITE: state})
+    slots = SlotManager({SITE: state}, state.routing, lambda name: name)
     prompt_len = data.draw(st.integers(0, seq))
+    slots.replace((), {b: (s, prompt_len) for b, s in enumerate(per_row)})
+    slots.assign(list(range(batch)))
+    state.routing.route(torch.arange(seq), None, batch, seq)
     masks = [token_scope_mask("all" if s is None else s.tokens, seq, prompt_len, None) & (s is not None)
              for s in per_row]
-    state.routing.write(torch.tensor(staged.rows), torch.stack(masks))
     x = torch.randn(batch, seq, d, generator=torch.Generator().manual_seed(spec["seed"]))
     out = torch.ops.sae_compile.steer(x, "property:op")
     for b, steering in enumerate(per_row):

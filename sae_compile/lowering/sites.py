@@ -134,7 +134,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
         )
     layer_paths = tuple(f"{stack_path}.{i}" for i in range(len(stack)))
     attn_paths, mlp_paths = [], []
-    for path, layer in zip(layer_paths, stack):
+    for path, layer in zip(layer_paths, stack, strict=True):
         attn_paths.append(_branch_child(path, layer, _ATTENTION_NAMES))
         mlp_paths.append(_branch_child(path, layer, _MLP_NAMES))
     return DecoderLayout(tuple(stack), layer_paths, tuple(attn_paths), tuple(mlp_paths), embeddings.embedding_dim)

@@ -1,33 +1,20 @@
-"""Turn user steerings into row tables: validate everything first, then commit.
+"""Turn user steerings into row edits, validating everything before anything is written.
 
-``stage`` is pure: it reads the site states but writes nothing, and raises ValueError or
-TypeError for any bad input. Only ``commit`` writes, and it cannot fail on user input, so
-a rejected call leaves the steering state exactly as it was.
+``stage_row`` is pure: it reads the site states, writes nothing, and raises ValueError or
+TypeError for any bad input. Writing is the slot manager's job, after staging succeeded,
+so a rejected call leaves the steering state exactly as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from ..edits import AddVector, Clamp, Edit, Reconstruct, Steering
 from .state import RowEdits, SiteState
 
-SCOPE_CODES = {"all": 1, "prompt": 2, "generated": 3}
 SteeringArg = Steering | Sequence[Edit] | Sequence["Steering | None"] | None
-
-
-@dataclass(frozen=True)
-class StagedBatch:
-    """A validated steering for one forward: the distinct steerings (row ``i + 1`` holds
-    ``distinct[i]``), each batch row's steering row and scope code, and the site tables."""
-
-    distinct: tuple[Steering, ...]
-    rows: tuple[int, ...]
-    scopes: tuple[int, ...]
-    tables: dict[str, dict[int, RowEdits]]
 
 
 def per_row_steerings(steering: SteeringArg, batch: int) -> list[Steering | None]:
@@ -57,40 +44,12 @@ def per_row_steerings(steering: SteeringArg, batch: int) -> list[Steering | None
     )
 
 
-def stage(
-    per_row: list[Steering | None],
-    sites: dict[str, SiteState],
-    resolve: Callable[[str], str],
-    max_rows: int,
-) -> StagedBatch:
-    """Validate ``per_row`` against the attached ``sites`` and build every row table.
+def stage_row(steering: Steering, sites: dict[str, SiteState], resolve: Callable[[str], str]) -> dict[str, RowEdits]:
+    """Validate ``steering`` against the attached ``sites`` and compile it to per-site row edits.
 
     ``resolve`` maps a user-facing site name to an attached site's canonical name, or
-    raises ValueError naming the available sites.
+    raises ValueError naming the available sites. Reads the sites, writes nothing.
     """
-    distinct = tuple(dict.fromkeys(s for s in per_row if s is not None))
-    if len(distinct) > max_rows:
-        raise ValueError(
-            f"steering: {len(distinct)} distinct steerings in one batch but max_rows={max_rows}. "
-            "Each distinct steering needs its own row; pass a larger max_rows to sc.steer()."
-        )
-    tables: dict[str, dict[int, RowEdits]] = {name: {} for name in sites}
-    for row, steering in enumerate(distinct, start=1):
-        for name, edits in _row_edits(steering, sites, resolve).items():
-            tables[name][row] = edits
-    row_of = {s: i for i, s in enumerate(distinct, start=1)}
-    rows = tuple(0 if s is None else row_of[s] for s in per_row)
-    scopes = tuple(0 if s is None else SCOPE_CODES[s.tokens] for s in per_row)
-    return StagedBatch(distinct, rows, scopes, tables)
-
-
-def commit(staged: StagedBatch, sites: dict[str, SiteState]) -> None:
-    """Write a staged batch's tables into the sites, in place."""
-    for name, state in sites.items():
-        state.write_rows(staged.tables[name])
-
-
-def _row_edits(steering: Steering, sites: dict[str, SiteState], resolve: Callable[[str], str]) -> dict[str, RowEdits]:
     adds: dict[str, torch.Tensor] = {}
     clamps: dict[str, dict[int, tuple[float, float]]] = {}
     reconstruct: set[str] = set()

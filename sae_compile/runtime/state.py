@@ -42,26 +42,61 @@ class Capacity:
                 raise ValueError(f"steer(): {name} must be a positive int, got {value!r}.")
 
 
+SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED = 1, 2, 3
+SCOPE_CODES = {"all": SCOPE_ALL, "prompt": SCOPE_PROMPT, "generated": SCOPE_GENERATED}
+
+
 class RoutingState:
-    """Per-forward routing: ``batch_rows [max_batch]`` and ``token_mask [max_tokens]``."""
+    """Which steering row each batch row uses, and which tokens are steered.
+
+    Host-written (between forwards, by admission and batch assignment):
+      ``batch_rows [max_batch]`` (steering row per batch row, 0 = none),
+      ``batch_prompt_len [max_batch]`` (the row's prompt length), ``row_scope [R]``
+      (per steering row: 1 all, 2 prompt, 3 generated).
+    Device-computed (per forward, by ``route``): ``token_mask [max_tokens]``.
+    """
 
     def __init__(self, capacity: Capacity, device: torch.device) -> None:
-        self.batch_rows = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
-        self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
         self.capacity = capacity
+        self.batch_rows = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
+        self.batch_prompt_len = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
+        self.row_scope = torch.zeros(capacity.max_rows + 1, dtype=torch.long, device=device)
+        self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
 
     def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows ``[batch]`` and token mask ``[batch, seq]`` for a forward of that shape."""
         return self.batch_rows[:batch], self.token_mask[: batch * seq].view(batch, seq)
 
-    def write(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        """Route the next forward: ``rows [B]`` (steering row per batch row), ``mask [B, S]``."""
-        batch, seq = mask.shape
-        self.batch_rows[:batch].copy_(rows, non_blocking=True)
-        self.token_mask[: batch * seq].view(batch, seq).copy_(mask, non_blocking=True)
+    def assign(self, rows: list[int], prompt_lens: list[int]) -> None:
+        """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``."""
+        batch = len(rows)
+        self.batch_rows[:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        self.batch_prompt_len[:batch].copy_(torch.tensor(prompt_lens, dtype=torch.long), non_blocking=True)
+
+    def route(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
+        """Device-only: mark the tokens of the next forward that are steered.
+
+        ``positions`` (``[S]`` or ``[B, S]``, on the device) are the tokens' indices in the
+        (padded) sequence: cache positions. A token is steered if its row has a steering
+        whose scope covers it (prompt: position < the row's prompt length) and it is not
+        padding. No host sync and no data-dependent shapes, so this can sit inside a
+        captured CUDA graph and follow the positions from prefill into decode.
+        """
+        rows = self.batch_rows[:batch]  # [B]
+        scope = self.row_scope[rows][:, None]  # [B, 1]
+        in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
+        mask = (scope == SCOPE_ALL) | ((scope == SCOPE_PROMPT) & in_prompt) | ((scope == SCOPE_GENERATED) & ~in_prompt)
+        if attention_mask is not None:
+            mask = mask & (attention_mask[:, -seq:] != 0)  # padding is never steered
+        self.token_mask[: batch * seq].view(batch, seq).copy_(mask)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"routing.batch_rows": self.batch_rows, "routing.token_mask": self.token_mask}
+        return {
+            "routing.batch_rows": self.batch_rows,
+            "routing.batch_prompt_len": self.batch_prompt_len,
+            "routing.row_scope": self.row_scope,
+            "routing.token_mask": self.token_mask,
+        }
 
 
 @dataclass
@@ -127,9 +162,12 @@ class SiteState:
         self.sparse_row = torch.zeros(rows, dtype=torch.bool, device=device)
         self.full_row = torch.zeros(rows, dtype=torch.bool, device=device)
         self.reconstruct_row = torch.zeros(rows, dtype=torch.bool, device=device)
-        # Host mirrors of "does any row need this path": let the op skip whole paths
+        # Host mirrors of "which rows need this path": let the op skip whole paths
         # without reading device memory (no host sync).
-        self.any_add = self.any_sparse = self.any_full = False
+        self._add_rows: set[int] = set()
+        self._sparse_rows: set[int] = set()
+        self._full_rows: set[int] = set()
+        self.max_feature = [-1] * rows
         if sae is not None:
             self._load_sae(sae)
 
@@ -139,48 +177,103 @@ class SiteState:
         return self.activation in ("relu", "jumprelu")
 
     def _load_sae(self, sae: SAE) -> None:
+        """Copy ``sae`` into the buffers; features past its width become all-zero (never fire)."""
+        f = sae.d_sae
         b_enc = sae.b_enc.double()
         if sae.apply_b_dec_to_input:
             # (x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc)
             b_enc = b_enc - sae.b_dec.double() @ sae.W_enc.double()
         with torch.no_grad():
-            self.W_enc_t.copy_(sae.W_enc.t())
-            self.b_enc.copy_(b_enc)
-            if sae.threshold is not None:
-                self.threshold.copy_(sae.threshold)
-            self.W_dec.copy_(sae.W_dec)
+            self.W_enc_t[:f].copy_(sae.W_enc.t())
+            self.b_enc[:f].copy_(b_enc)
+            self.threshold[:f].copy_(sae.threshold if sae.threshold is not None else torch.zeros(f))
+            self.W_dec[:f].copy_(sae.W_dec)
             self.b_dec.copy_(sae.b_dec)
+            for buffer in (self.W_enc_t, self.b_enc, self.threshold, self.W_dec):
+                buffer[f:].zero_()
 
-    def write_rows(self, edits: dict[int, RowEdits]) -> None:
-        """Make rows ``1..R-1`` hold ``edits[row]`` (rows not given are cleared). In place."""
-        rows, clamps = self.clamp_idx.shape
-        add_vec = torch.zeros(rows, self.hidden_size, dtype=torch.float32)
-        idx = torch.zeros(rows, clamps, dtype=torch.long)
-        mul = torch.ones(rows, clamps, dtype=torch.float32)
-        shift = torch.zeros(rows, clamps, dtype=torch.float32)
-        sparse, full, recon = (torch.zeros(rows, dtype=torch.bool) for _ in range(3))
-        for row, e in edits.items():
-            n = len(e.features)
-            if e.add is not None:
-                add_vec[row] = e.add
-            idx[row, :n] = torch.tensor(e.features, dtype=torch.long)
-            mul[row, :n] = torch.tensor(e.mul, dtype=torch.float32)
-            shift[row, :n] = torch.tensor(e.shift, dtype=torch.float32)
-            needs_full = e.reconstruct or (n > 0 and not self.elementwise)
-            full[row] = needs_full
-            sparse[row] = n > 0 and not needs_full
-            recon[row] = e.reconstruct
+    def swap_sae(self, sae: SAE) -> None:
+        """Replace this site's SAE in place, without recompiling.
+
+        The new SAE must fit the buffers (``d_sae`` up to the attached SAE's), keep the
+        activation (and ``k``), and cover every feature a live steering row clamps. If a
+        copy fails midway, the previous weights are restored before the error propagates.
+        """
+        if self.sae is None:
+            raise ValueError(
+                f"load_sae: {self.name} was attached for additive steering only, so it has no SAE buffers. "
+                "Attaching an SAE there needs sc.steer() again (one recompile)."
+            )
+        if sae.d_in != self.hidden_size:
+            raise ValueError(f"load_sae: the SAE has d_in={sae.d_in} but {self.name} has d_model={self.hidden_size}.")
+        capacity = self.W_enc_t.shape[0]
+        if sae.d_sae > capacity:
+            raise ValueError(
+                f"load_sae: the SAE has d_sae={sae.d_sae} but the buffers at {self.name} hold {capacity} features. "
+                "A wider SAE needs sc.steer() again (one recompile)."
+            )
+        if (sae.activation, sae.k) != (self.activation, self.k):
+            raise ValueError(
+                f"load_sae: {self.name} runs activation={self.activation!r} (k={self.k}); the new SAE has "
+                f"{sae.activation!r} (k={sae.k}). Changing the activation changes the compiled arithmetic: "
+                "use sc.steer() again."
+            )
+        used = max(self.max_feature)
+        if used >= sae.d_sae:
+            raise ValueError(
+                f"load_sae: a live steering row clamps feature {used} at {self.name}, beyond the new SAE's "
+                f"d_sae={sae.d_sae}. Release or update those requests first."
+            )
+        backup = {name: getattr(self, name).clone() for name in _SAE_BUFFERS}
+        swapped = False
+        try:
+            self._load_sae(sae)
+            swapped = True
+        finally:
+            if not swapped:
+                with torch.no_grad():
+                    for name, saved in backup.items():
+                        getattr(self, name).copy_(saved)
+        self.sae, self.d_sae = sae, sae.d_sae
+
+    def write_row(self, row: int, edits: RowEdits | None) -> None:
+        """Make steering ``row`` do ``edits`` at this site (``None``: nothing). In place."""
+        clamps = self.clamp_idx.shape[1]
+        n = 0 if edits is None else len(edits.features)
+        idx = torch.zeros(clamps, dtype=torch.long)
+        mul = torch.ones(clamps, dtype=torch.float32)
+        shift = torch.zeros(clamps, dtype=torch.float32)
+        if edits is not None:
+            idx[:n] = torch.tensor(edits.features, dtype=torch.long)
+            mul[:n] = torch.tensor(edits.mul, dtype=torch.float32)
+            shift[:n] = torch.tensor(edits.shift, dtype=torch.float32)
+        add = edits is not None and edits.add is not None
+        reconstruct = edits is not None and edits.reconstruct
+        full = reconstruct or (n > 0 and not self.elementwise)
+        sparse = n > 0 and not full
         with torch.no_grad():
-            self.add_vec.copy_(add_vec)
-            self.clamp_idx.copy_(idx)
-            self.clamp_mul.copy_(mul)
-            self.clamp_shift.copy_(shift)
-            self.sparse_row.copy_(sparse)
-            self.full_row.copy_(full)
-            self.reconstruct_row.copy_(recon)
-        self.any_add = any(e.add is not None for e in edits.values())
-        self.any_sparse = bool(sparse.any())
-        self.any_full = bool(full.any())
+            self.add_vec[row].copy_(edits.add if add else torch.zeros(self.hidden_size))
+            self.clamp_idx[row].copy_(idx)
+            self.clamp_mul[row].copy_(mul)
+            self.clamp_shift[row].copy_(shift)
+            self.sparse_row[row] = sparse
+            self.full_row[row] = full
+            self.reconstruct_row[row] = reconstruct
+        for rows, member in ((self._add_rows, add), (self._sparse_rows, sparse), (self._full_rows, full)):
+            (rows.add if member else rows.discard)(row)
+        self.max_feature[row] = max(edits.features, default=-1) if edits is not None else -1
+
+    @property
+    def any_add(self) -> bool:
+        return bool(self._add_rows)
+
+    @property
+    def any_sparse(self) -> bool:
+        return bool(self._sparse_rows)
+
+    @property
+    def any_full(self) -> bool:
+        return bool(self._full_rows)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = (
@@ -190,6 +283,7 @@ class SiteState:
         return {f"{self.name}.{n}": getattr(self, n) for n in names}
 
 
+_SAE_BUFFERS = ("W_enc_t", "b_enc", "threshold", "W_dec", "b_dec")
 _REGISTRY: weakref.WeakValueDictionary[str, SiteState] = weakref.WeakValueDictionary()
 
 
