@@ -10,6 +10,7 @@ Naming follows SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_en
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -78,7 +79,8 @@ class SAE:
         for name, t in tensors.items():
             if t.device != W_enc.device:
                 raise ValueError(f"SAE: {name} is on {t.device} but W_enc is on {W_enc.device}; put them on one device.")
-            if not bool(torch.isfinite(t).all()):
+            lo, hi = torch.aminmax(t)  # a reduction: no tensor-sized temporary, and NaN propagates
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise ValueError(f"SAE: {name} contains NaN or inf values.")
         dtype = W_enc.dtype
         self.W_enc = W_enc.to(dtype)
@@ -144,6 +146,27 @@ class SAE:
         if self.threshold is not None:
             tensors["threshold"] = self.threshold
         return tensors
+
+    @staticmethod
+    def load(
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        hook_name: str | None = None,
+        layer: int | None = None,
+    ) -> SAE:
+        """Read an SAE checkpoint, detecting its format (SAELens, Gemma Scope, EleutherAI
+        sparsify, dictionary_learning). ``hook_name`` / ``layer`` override where it goes."""
+        from .checkpoints import load_sae
+
+        return load_sae(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this SAE as a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
+        from .checkpoints import save_sae
+
+        save_sae(self, path)
 
     def __repr__(self) -> str:
         extra = f", k={self.k}" if self.k is not None else ""

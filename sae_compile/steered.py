@@ -225,7 +225,9 @@ class SteeredModel:
         if len(prompt_lens) != batch:
             raise ValueError(f"prompt_len has {len(prompt_lens)} entries for a batch of {batch}.")
         self._assign_call(per_row_steerings(steering, batch), prompt_lens, seq)
-        return self.step(input_ids, attention_mask=attention_mask, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.step(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
 
     def step(
         self,

@@ -1,0 +1,762 @@
+"""Read SAE checkpoints from the public releases and write them in the SAELens layout (DESIGN §6).
+
+``load_sae(path)`` recognises four layouts without importing the library that wrote them:
+
+==========================  ===========================================================
+format                      files
+==========================  ===========================================================
+``saelens``                 ``cfg.json`` + ``sae_weights.safetensors``
+``gemma_scope``             ``params.npz`` or ``params.safetensors`` (or any ``.npz`` /
+                            ``.safetensors`` holding ``W_enc W_dec b_enc b_dec threshold``)
+``sparsify``                ``cfg.json`` + ``sae.safetensors``, one folder per hookpoint
+``dictionary_learning``     ``ae.pt`` + ``config.json``
+==========================  ===========================================================
+
+Each loader reproduces the encode/decode of the library that wrote the file, as DESIGN §4 math
+(``pre = (x - b_dec?) @ W_enc + b_enc``, ``f = act(pre)``, ``x_hat = f @ W_dec + b_dec``). What a
+format can express but §4 cannot (normalisation, gating, transcoders, skip connections) is rejected
+with a ``ValueError`` rather than approximated. Every malformed-file error names the file and
+the key.
+
+Memory: safetensors files are memory-mapped and each tensor is used in place (a transpose is a
+view), so loading adds no second host copy of the weights; ``ae.pt`` is memory-mapped too when it
+uses torch's zip format. ``.npz`` cannot be mapped, so it is read once into memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .sae import SAE
+
+FORMATS: tuple[str, ...] = ("saelens", "gemma_scope", "sparsify", "dictionary_learning")
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+DICTIONARY_LEARNING_CFG = "config.json"
+DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
+GEMMA_SCOPE_WEIGHTS = ("params.npz", "params.safetensors")
+
+_SAELENS_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+def load_sae(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    hook_name: str | None = None,
+    layer: int | None = None,
+) -> SAE:
+    """Load an SAE checkpoint, detecting its format from the files (see the module docstring).
+
+    ``path`` is the checkpoint folder or its weights file. ``dtype=None`` keeps the dtype stored
+    in the file; ``device=None`` keeps the tensors on the CPU. With neither, the SAE's weights
+    are views of the memory-mapped file.
+
+    ``hook_name`` is the TransformerLens hook the SAE was trained on (``blocks.{L}.hook_resid_post``
+    etc.), read from the checkpoint: SAELens ``cfg.json`` (``metadata.hook_name``, else
+    ``hook_name``); Gemma Scope's path (``layer_{L}``; the release name or folder picks resid_post,
+    mlp_out or ``attn.hook_z``; resid_post if neither says); sparsify's hookpoint folder
+    (``layers.{L}`` → resid_post, ``layers.{L}.mlp`` → mlp_out, ``layers.{L}.self_attn`` →
+    attn_out); dictionary_learning's ``trainer.layer`` and ``submodule_name``. It is ``None``
+    where the checkpoint does not say. Pass ``hook_name=`` to replace it, or ``layer=`` to keep
+    its hook point and change only the layer.
+
+    Raises ``ValueError`` naming the file (and key) for an unknown layout, a missing key, a shape
+    mismatch, non-finite weights, or an architecture/normalisation this library cannot run exactly.
+    """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"load_sae: dtype must be a floating point torch.dtype or None, got {dtype!r}.")
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise TypeError(f"load_sae: hook_name must be a str or None, got {type(hook_name).__name__}.")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise TypeError(f"load_sae: layer must be an int or None, got {type(layer).__name__}.")
+    if layer is not None and layer < 0:
+        raise ValueError(f"load_sae: layer must be >= 0, got {layer}. Layers count from 0, as in blocks.0.")
+    if hook_name is not None and layer is not None:
+        raise ValueError(
+            f"load_sae: got both hook_name={hook_name!r} and layer={layer}. hook_name already names "
+            "the layer, so the two could disagree. Pass only one of them."
+        )
+    fmt, weights_file = detect_format(path)
+    reading = _Reading(dtype=dtype, device=None if device is None else torch.device(device))
+    ckpt = _LOADERS[fmt](weights_file, layer, reading)
+    return SAE(
+        ckpt.W_enc, ckpt.W_dec, ckpt.b_enc, ckpt.b_dec,
+        activation=ckpt.activation, threshold=ckpt.threshold, k=ckpt.k,
+        apply_b_dec_to_input=ckpt.apply_b_dec_to_input,
+        hook_name=hook_name if hook_name is not None else ckpt.hook_name,
+    )
+
+
+def save_sae(sae: SAE, path: str | os.PathLike[str]) -> None:
+    """Write ``sae`` to the folder ``path`` in the SAELens layout: ``cfg.json`` + ``sae_weights.safetensors``.
+
+    ``load_sae`` reads it back exactly (same tensors, dtype, activation, k, threshold,
+    ``apply_b_dec_to_input`` and ``hook_name``), and SAELens reads it with the same encode/decode.
+    Both files are replaced atomically, so saving over the checkpoint an SAE was loaded from is
+    safe (that SAE's tensors may be views of the old file's mapping).
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"save_sae: expected an sae_compile SAE, got {type(sae).__name__}.")
+    if sae.threshold is not None and bool((sae.threshold < 0).any()):
+        raise ValueError(
+            "save_sae: this SAE has negative JumpReLU thresholds. SAELens computes "
+            "relu(pre) * (pre > threshold), which differs from this SAE's activation for pre in "
+            "(threshold, 0), so the saved file would not mean the same SAE. Clamp the threshold "
+            "at 0 (sae.threshold.clamp(min=0)) before saving."
+        )
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        tensors["threshold"] = sae.threshold
+    _atomic_write(folder / SAELENS_WEIGHTS, lambda tmp: save_file(_distinct_contiguous(tensors), tmp))
+    cfg = _saelens_cfg(sae)
+    _atomic_write(folder / SAELENS_CFG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+
+
+def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """The checkpoint format at ``path`` (one of ``FORMATS``) and the weights file to read.
+
+    ``path`` may be a checkpoint folder or the weights file inside one. Raises ``ValueError``
+    naming the path when no known layout matches.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for fmt, name in (
+            ("saelens", SAELENS_WEIGHTS), ("sparsify", SPARSIFY_WEIGHTS),
+            ("dictionary_learning", DICTIONARY_LEARNING_WEIGHTS),
+        ):
+            if (path / name).is_file():
+                return fmt, path / name
+        for name in GEMMA_SCOPE_WEIGHTS:
+            if (path / name).is_file():
+                return "gemma_scope", path / name
+        raise _unknown_layout(path, _listing(path))
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: no such file or folder. load_sae needs a checkpoint folder or its weights "
+            "file. Check the path."
+        )
+    by_name = {
+        SAELENS_WEIGHTS: "saelens", SPARSIFY_WEIGHTS: "sparsify", DICTIONARY_LEARNING_WEIGHTS: "dictionary_learning",
+    }
+    if path.name in by_name:
+        return by_name[path.name], path
+    if path.suffix == ".npz" or path.name in GEMMA_SCOPE_WEIGHTS:
+        return "gemma_scope", path
+    if path.suffix == ".safetensors":
+        with _open_weights(path, _Reading(None, None)) as weights:
+            if _first_present(weights, "W_enc", "w_enc") and "threshold" in weights:
+                return "gemma_scope", path
+            raise _unknown_layout(path, sorted(weights.keys))
+    raise _unknown_layout(path, [path.name])
+
+
+# ------------------------------------------------------------------------------------ file reading
+
+
+class _Reading(NamedTuple):
+    """Where and as what the caller wants the tensors (``None``: as stored, on the CPU)."""
+
+    dtype: torch.dtype | None
+    device: torch.device | None
+
+
+class _Weights:
+    """The tensors of one weights file, read one key at a time with errors that name file and key."""
+
+    def __init__(
+        self,
+        path: Path,
+        keys: Collection[str],
+        read: Callable[[str], torch.Tensor],
+        read_errors: tuple[type[BaseException], ...],
+        reading: _Reading,
+    ) -> None:
+        self.path = path
+        self.keys = keys
+        self._read = read
+        self._read_errors = read_errors
+        self._reading = reading
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key``, as stored (no dtype/device change, no checks)."""
+        if key not in self.keys:
+            raise ValueError(
+                f"{self.path}: missing tensor {key!r} (the file has {sorted(self.keys)}). The SAE "
+                f"cannot be built without it. Check that this is a complete checkpoint of the "
+                f"format its files suggest, or re-export it."
+            )
+        try:
+            return self._read(key)
+        except self._read_errors as e:
+            raise _corrupt(self.path, e, key) from e
+
+    def tensor(self, key: str, shape: tuple[int, ...], meaning: str) -> torch.Tensor:
+        """The floating point tensor ``key``, checked to have ``shape`` (``meaning`` names its axes)
+        and finite values, converted to the requested dtype/device."""
+        t = self.raw(key)
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{self.path}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape} "
+                f"({meaning}). The SAE math needs these shapes to agree. Check that the config "
+                f"matches these weights, or re-export the checkpoint."
+            )
+        if not t.is_floating_point():
+            raise ValueError(
+                f"{self.path}: tensor {key!r} has dtype {t.dtype}, expected a floating point dtype. "
+                "SAE weights are real-valued. Re-export the checkpoint with float weights."
+            )
+        t = t.to(device=self._reading.device, dtype=self._reading.dtype)
+        if not _all_finite(t):
+            raise ValueError(
+                f"{self.path}: tensor {key!r} contains NaN or inf values"
+                f"{'' if self._reading.dtype is None else f' (after conversion to {self._reading.dtype})'}. "
+                "Non-finite weights would turn every steered activation into NaN. Re-export the "
+                "checkpoint from a healthy training step, or load it in a wider dtype."
+            )
+        return t
+
+
+@contextlib.contextmanager
+def _open_weights(path: Path, reading: _Reading) -> Iterator[_Weights]:
+    """Open a ``.safetensors``, ``.npz`` or torch ``.pt`` weights file for keyed reads."""
+    if path.suffix == ".safetensors":
+        # safe_open maps the file; get_tensor returns a view of the mapping, not a copy.
+        with _reraise_corrupt(path, (SafetensorError, OSError)):
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        with handle:
+            yield _Weights(path, set(handle.keys()), handle.get_tensor, (SafetensorError, OSError), reading)
+    elif path.suffix == ".npz":
+        npz_errors = (ValueError, OSError, EOFError, zipfile.BadZipFile)
+        with _reraise_corrupt(path, npz_errors):
+            archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise _corrupt(path, TypeError(f"np.load returned {type(archive).__name__}, not an .npz archive"))
+        with archive:
+            yield _Weights(path, set(archive.files), lambda key: torch.from_numpy(archive[key]), npz_errors, reading)
+    else:
+        state = _torch_state_dict(path)
+        yield _Weights(path, set(state), state.__getitem__, (), reading)
+
+
+def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """A torch-saved state dict, read without running pickled code (``weights_only=True``)."""
+    # mmap needs torch's zip container; legacy (pre-1.6) files are read into memory instead.
+    with _reraise_corrupt(path, (pickle.UnpicklingError, RuntimeError, EOFError, OSError)):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(
+            f"{path}: expected a state dict (str -> Tensor), got {type(state).__name__}. "
+            "dictionary_learning saves ae.pt as the autoencoder's state_dict(). Re-save it with "
+            "torch.save(ae.state_dict(), path)."
+        )
+    return state
+
+
+@contextlib.contextmanager
+def _reraise_corrupt(path: Path, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    try:
+        yield
+    except errors as e:
+        raise _corrupt(path, e) from e
+
+
+def _corrupt(path: Path, error: BaseException, key: str | None = None) -> ValueError:
+    where = f"{path}" if key is None else f"{path}: tensor {key!r}"
+    return ValueError(
+        f"{where}: cannot be read ({type(error).__name__}: {error}). The file is corrupt, truncated "
+        "or not in the format its name suggests. Re-download or re-export the checkpoint."
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: missing config file. The weights alone do not say the SAE's architecture "
+            f"or site. Put the checkpoint's {path.name} next to its weights."
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e}). The config is needed to build the SAE. "
+            "Re-download or re-export the checkpoint."
+        ) from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}. Re-export the checkpoint.")
+    return cfg
+
+
+def _cfg_int(cfg: Mapping[str, Any], key: str, file: Path) -> int:
+    """A required positive integer config entry."""
+    if key not in cfg:
+        raise ValueError(
+            f"{file}: missing config key {key!r}. It gives the SAE's shape. Add it, or re-export the checkpoint."
+        )
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{file}: config key {key!r} must be a positive integer, got {value!r}. Fix the config.")
+    return value
+
+
+def _topk_k(value: Any, d_sae: int, file: Path, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= d_sae:
+        raise ValueError(
+            f"{file}: {key!r} must be an integer in [1, d_sae={d_sae}] for a TopK SAE, got {value!r}. "
+            "TopK keeps the k largest features, so k must be a valid feature count. Fix the config."
+        )
+    return value
+
+
+def _reject(file: Path, key: str, value: Any, why: str, supported: str) -> ValueError:
+    return ValueError(
+        f"{file}: unsupported {key!r} = {value!r}. {why} Supported: {supported}; convert the "
+        "checkpoint to one of these (for example by folding it in the source library) and save it again."
+    )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # aminmax is a reduction: no temporary the size of t (torch.isfinite would allocate one),
+    # and NaN propagates into both results.
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _first_present(weights: _Weights, *keys: str) -> str | None:
+    return next((key for key in keys if key in weights), None)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+
+
+def _unknown_layout(path: Path, contents: list[str]) -> ValueError:
+    nested = [c for c in contents if c.endswith("/") and (path / c / "cfg.json").is_file()]
+    hint = f" It holds several checkpoints ({nested[:5]}); pass one of those folders." if nested else ""
+    return ValueError(
+        f"{path}: unknown SAE checkpoint layout (found {contents[:20]}). load_sae reads SAELens "
+        f"({SAELENS_CFG} + {SAELENS_WEIGHTS}), Gemma Scope ({' or '.join(GEMMA_SCOPE_WEIGHTS)}), "
+        f"sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) and dictionary_learning "
+        f"({DICTIONARY_LEARNING_WEIGHTS} + {DICTIONARY_LEARNING_CFG}).{hint} Point it at a folder "
+        "with one of these layouts, or build the SAE from tensors with sc.SAE(...)."
+    )
+
+
+# -------------------------------------------------------------------------------------- loaders
+
+
+class _Checkpoint(NamedTuple):
+    """What a format loader read: the SAE constructor's arguments, in DESIGN §4 terms."""
+
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_in]
+    b_enc: torch.Tensor  # [d_sae]
+    b_dec: torch.Tensor  # [d_in]
+    activation: str
+    threshold: torch.Tensor | None  # [d_sae], jumprelu only
+    k: int | None
+    apply_b_dec_to_input: bool
+    hook_name: str | None
+
+
+def _block_hook(layer: int | None, point: str | None) -> str | None:
+    return None if layer is None or point is None else f"blocks.{layer}.{point}"
+
+
+def _relayer(hook_name: str | None, layer: int | None, file: Path) -> str | None:
+    """``hook_name`` moved to ``layer`` (``blocks.{L}.x`` → ``blocks.{layer}.x``); unchanged if layer is None."""
+    if layer is None:
+        return hook_name
+    match = _BLOCK_HOOK.fullmatch(hook_name or "")
+    if match is None:
+        raise ValueError(
+            f"{file}: cannot apply layer={layer}: the checkpoint's hook name {hook_name!r} has no "
+            "'blocks.<L>.' part to change. layer= only moves an SAE to another layer of the same "
+            "hook point. Pass hook_name= with the full site name instead."
+        )
+    return f"blocks.{layer}.{match.group(2)}"
+
+
+def _jumprelu_threshold(threshold: torch.Tensor) -> torch.Tensor:
+    # Every source library computes relu(pre) * (pre > θ); for θ < 0 that is relu, i.e. §4's
+    # jumprelu with θ = 0. Clamping makes the two agree for all θ (θ >= 0 is unchanged).
+    return threshold.clamp(min=0)
+
+
+def _load_saelens(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+    cfg_file = weights_file.parent / SAELENS_CFG
+    cfg = _read_json(cfg_file)
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    architecture = _saelens_architecture(cfg, cfg_file)
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None, False):
+        raise _reject(
+            cfg_file, "normalize_activations", normalize,
+            "The SAE expects its input rescaled by statistics that are not part of the SAE math "
+            "(DESIGN §4), so steering with it as-is would be wrong.", "'none'",
+        )
+    head = metadata.get("hook_head_index", cfg.get("hook_head_index"))
+    if head is not None:
+        raise _reject(
+            cfg_file, "hook_head_index", head, "The SAE reads a single attention head, which is not a site.", "null"
+        )
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        raise _reject(
+            cfg_file, "rescale_acts_by_decoder_norm", True,
+            "Feature activations are scaled by decoder norms, which the SAE math does not do.",
+            "false (SAELens: sae.fold_W_dec_norm() then sae.save_model())",
+        )
+    d_in, d_sae = _cfg_int(cfg, "d_in", cfg_file), _cfg_int(cfg, "d_sae", cfg_file)
+    k = None
+    if architecture == "topk":
+        k_key, k_value = ("k", cfg.get("k")) if "k" in cfg else (
+            "activation_fn_kwargs.k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        k = _topk_k(k_value, d_sae, cfg_file, k_key)
+    # SAELens's own default when the key is absent (pre-6.0 configs) is True.
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    hook = metadata.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    with _open_weights(weights_file, reading) as weights:
+        scale_key = _first_present(weights, "scaling_factor", "finetuning_scaling_factor")
+        if scale_key is not None and not bool((weights.raw(scale_key) == 1).all()):
+            raise _reject(
+                weights_file, scale_key, "not all ones",
+                "Decoded features are scaled by a fine-tuning factor the SAE math does not have.", "all ones or absent",
+            )
+        threshold = None
+        if architecture == "jumprelu":
+            if "threshold" not in weights and "log_threshold" in weights:
+                # Older SAELens JumpReLU checkpoints store log θ; SAELens converts with exp as well.
+                threshold = weights.tensor("log_threshold", (d_sae,), "[d_sae]").exp()
+            else:
+                threshold = weights.tensor("threshold", (d_sae,), "[d_sae]")
+            threshold = _jumprelu_threshold(threshold)
+        return _Checkpoint(
+            W_enc=weights.tensor("W_enc", (d_in, d_sae), "[d_in, d_sae] from cfg.json"),
+            W_dec=weights.tensor("W_dec", (d_sae, d_in), "[d_sae, d_in] from cfg.json"),
+            b_enc=weights.tensor("b_enc", (d_sae,), "[d_sae]"),
+            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
+            activation=_SAELENS_ARCHITECTURES[architecture], threshold=threshold, k=k,
+            apply_b_dec_to_input=bool(apply_b_dec), hook_name=_relayer(hook, layer, cfg_file),
+        )
+
+
+def _saelens_architecture(cfg: Mapping[str, Any], cfg_file: Path) -> str:
+    """The SAELens architecture, including pre-6.0 configs that only name an ``activation_fn``."""
+    activation_fn = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    if "architecture" not in cfg:
+        # Pre-6.0 SAELens: no architecture key; a topk activation_fn means a TopK SAE.
+        architecture = "topk" if activation_fn == "topk" else "standard"
+    else:
+        architecture = cfg["architecture"]
+    if architecture not in _SAELENS_ARCHITECTURES:
+        raise _reject(
+            cfg_file, "architecture", architecture,
+            "Only these architectures have the encode/decode of DESIGN §4.", f"{sorted(_SAELENS_ARCHITECTURES)}",
+        )
+    if architecture == "standard" and activation_fn not in ("relu", None):
+        raise _reject(cfg_file, "activation_fn", activation_fn, "A standard SAE here is a ReLU SAE.", "'relu'")
+    return architecture
+
+
+def _load_gemma_scope(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+    parts = [p.lower() for p in weights_file.parent.parts]
+    for part in parts:
+        if re.search(r"transcoder|^clt", part) or part == "embedding":
+            raise _reject(
+                weights_file, "path", part,
+                "Gemma Scope transcoders map one site to another and embedding SAEs need a "
+                "d_model rescale, so neither is a plain SAE.", "the res, mlp and att SAEs",
+            )
+    path_layer, point = _gemma_scope_site(parts)
+    with _open_weights(weights_file, reading) as weights:
+        enc_key = _first_present(weights, "W_enc", "w_enc") or "W_enc"
+        dec_key = _first_present(weights, "W_dec", "w_dec") or "W_dec"
+        W_enc_raw = weights.raw(enc_key)
+        if W_enc_raw.dim() != 2:
+            raise ValueError(
+                f"{weights_file}: tensor {enc_key!r} has shape {tuple(W_enc_raw.shape)}, expected "
+                "[d_in, d_sae]. Gemma Scope stores the encoder as a matrix. Check the file."
+            )
+        d_in, d_sae = W_enc_raw.shape
+        return _Checkpoint(
+            W_enc=weights.tensor(enc_key, (d_in, d_sae), "[d_in, d_sae]"),
+            W_dec=weights.tensor(dec_key, (d_sae, d_in), f"[d_sae, d_in] to match {enc_key}"),
+            b_enc=weights.tensor("b_enc", (d_sae,), "[d_sae]"),
+            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
+            activation="jumprelu",
+            threshold=_jumprelu_threshold(weights.tensor("threshold", (d_sae,), "[d_sae], one per feature")),
+            k=None,
+            # Gemma Scope encodes x itself; b_dec is only added back on decode.
+            apply_b_dec_to_input=False,
+            hook_name=_block_hook(layer if layer is not None else path_layer, point),
+        )
+
+
+def _gemma_scope_site(parts: list[str]) -> tuple[int | None, str]:
+    """Layer and hook point from a Gemma Scope path (deepest folder wins; resid_post by default).
+
+    Gemma Scope 1 releases are named ``gemma-scope-<model>-{res,mlp,att}`` with ``layer_{L}/``
+    folders; Gemma Scope 2 uses ``{resid_post,mlp_out,attn_out}[_all]/layer_{L}_...`` folders.
+    The attention SAEs read the concatenated heads, TransformerLens ``attn.hook_z``.
+    """
+    layer = next((int(m.group(1)) for p in reversed(parts) if (m := re.match(r"layer_(\d+)(?:_|$)", p))), None)
+    points = (
+        (r"^resid_post|^gemma-scope.*-res(?:-|$)", "hook_resid_post"),
+        (r"^mlp_out|^gemma-scope.*-mlp(?:-|$)", "hook_mlp_out"),
+        (r"^attn_out|^gemma-scope.*-att(?:-|$)", "attn.hook_z"),
+    )
+    for part in reversed(parts):
+        # HF cache folders look like models--google--gemma-scope-2b-pt-res.
+        name = part.rsplit("--", 1)[-1]
+        for pattern, point in points:
+            if re.search(pattern, name):
+                return layer, point
+    return layer, "hook_resid_post"
+
+
+def _load_sparsify(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+    cfg_file = weights_file.parent / SPARSIFY_CFG
+    cfg = _read_json(cfg_file)
+    for key, ok, why in (
+        ("activation", ("topk",), "Only TopK matches the SAE math; groupmax picks one feature per group."),
+        ("transcode", (False,), "A transcoder predicts a module's output from its input, not one site's SAE."),
+        ("skip_connection", (False,), "A linear skip term W_skip is not part of the SAE math."),
+        ("signed", (False,), "Signed activations skip the ReLU that TopK here applies."),
+    ):
+        value = cfg.get(key, ok[0])
+        if value not in ok:
+            raise _reject(cfg_file, key, value, why, repr(ok[0]))
+    d_in = _cfg_int(cfg, "d_in", cfg_file)
+    # sparsify: num_latents = 0 (its default) means d_in * expansion_factor.
+    if cfg.get("num_latents"):
+        d_sae = _cfg_int(cfg, "num_latents", cfg_file)
+    else:
+        d_sae = d_in * _cfg_int(cfg, "expansion_factor", cfg_file)
+    k = _topk_k(cfg.get("k"), d_sae, cfg_file, "k")
+    with _open_weights(weights_file, reading) as weights:
+        W_enc = weights.tensor("encoder.weight", (d_sae, d_in), "[num_latents, d_in], nn.Linear layout").T
+        return _Checkpoint(
+            W_enc=W_enc,  # a [d_in, d_sae] view: no copy
+            W_dec=weights.tensor("W_dec", (d_sae, d_in), "[num_latents, d_in]"),
+            b_enc=weights.tensor("encoder.bias", (d_sae,), "[num_latents]"),
+            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
+            activation="topk", threshold=None, k=k,
+            apply_b_dec_to_input=True,  # sparsify encodes x - b_dec
+            hook_name=_sparsify_hook(weights_file.parent.name, layer),
+        )
+
+
+def _sparsify_hook(hookpoint: str, layer: int | None) -> str | None:
+    """``layers.{L}`` → resid_post, ``layers.{L}.mlp`` → mlp_out, ``layers.{L}.self_attn`` → attn_out.
+
+    sparsify names the folder after the module whose output it read; anything else is unknown.
+    On models with a post-branch norm (Gemma 2/3) the ``mlp``/``self_attn`` outputs sparsify read
+    are before that norm, while DESIGN's mlp_out/attn_out are after it; elsewhere they coincide.
+    """
+    match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.(mlp|self_attn))?$", hookpoint)
+    if match is None:
+        return None
+    point = {None: "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}[match.group(2)]
+    return _block_hook(layer if layer is not None else int(match.group(1)), point)
+
+
+def _load_dictionary_learning(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+    cfg_file = weights_file.parent / DICTIONARY_LEARNING_CFG
+    cfg = _read_json(cfg_file)
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, dict):
+        raise ValueError(
+            f"{cfg_file}: missing config key 'trainer'. dictionary_learning writes the autoencoder's "
+            "class and shape there. Use the config.json saved next to ae.pt."
+        )
+    dict_class = trainer.get("dict_class")
+    if dict_class not in _DICTIONARY_LEARNING_CLASSES:
+        raise _reject(
+            cfg_file, "trainer.dict_class", dict_class,
+            "Only these autoencoders have the encode/decode of DESIGN §4.", f"{sorted(_DICTIONARY_LEARNING_CLASSES)}",
+        )
+    d_in, d_sae = _cfg_int(trainer, "activation_dim", cfg_file), _cfg_int(trainer, "dict_size", cfg_file)
+    with _open_weights(weights_file, reading) as weights:
+        ckpt = _DICTIONARY_LEARNING_CLASSES[dict_class](weights, trainer, d_in, d_sae, cfg_file)
+    hook = _dictionary_learning_hook(trainer, layer)
+    return ckpt._replace(hook_name=hook)
+
+
+def _dl_autoencoder(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
+    # AutoEncoder: encode relu(encoder(x - bias)), decode decoder(f) + bias.
+    return _Checkpoint(
+        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
+        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
+        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
+        b_dec=w.tensor("bias", (d_in,), "[activation_dim]"),
+        activation="relu", threshold=None, k=None, apply_b_dec_to_input=True, hook_name=None,
+    )
+
+
+def _dl_topk(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
+    # AutoEncoderTopK: encode topk(relu(encoder(x - b_dec))), decode decoder(f) + b_dec. Its
+    # `threshold` buffer is only used by encode(use_threshold=True), which is not the default.
+    if "k" in trainer:
+        k = _topk_k(trainer["k"], d_sae, cfg_file, "trainer.k")
+    else:
+        k_raw = w.raw("k")
+        k = _topk_k(int(k_raw) if k_raw.numel() == 1 else None, d_sae, w.path, "k")
+    return _Checkpoint(
+        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
+        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
+        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
+        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
+        activation="topk", threshold=None, k=k, apply_b_dec_to_input=True, hook_name=None,
+    )
+
+
+def _dl_batch_topk(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
+    # BatchTopKSAE: inference encode is relu(pre) * (relu(pre) > θ) with one scalar θ learned in
+    # training (θ = -1 if never set, i.e. plain relu), pre = encoder(x - b_dec).
+    threshold = w.tensor("threshold", (), "a scalar")
+    return _Checkpoint(
+        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
+        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
+        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
+        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
+        activation="jumprelu", threshold=_jumprelu_threshold(threshold.expand(d_sae)), k=None,
+        apply_b_dec_to_input=True, hook_name=None,
+    )
+
+
+def _dl_matryoshka(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
+    # MatryoshkaBatchTopKSAE: as BatchTopKSAE, but stored as W_enc/W_dec parameters.
+    threshold = w.tensor("threshold", (), "a scalar")
+    return _Checkpoint(
+        W_enc=w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
+        W_dec=w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
+        b_enc=w.tensor("b_enc", (d_sae,), "[dict_size]"),
+        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
+        activation="jumprelu", threshold=_jumprelu_threshold(threshold.expand(d_sae)), k=None,
+        apply_b_dec_to_input=True, hook_name=None,
+    )
+
+
+def _dl_jumprelu(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
+    # JumpReluAutoEncoder: encode relu(pre * (pre > θ)), pre = x @ W_enc + b_enc (its
+    # apply_b_dec_to_input is False unless set after loading from SAELens).
+    return _Checkpoint(
+        W_enc=w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
+        W_dec=w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
+        b_enc=w.tensor("b_enc", (d_sae,), "[dict_size]"),
+        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
+        activation="jumprelu", threshold=_jumprelu_threshold(w.tensor("threshold", (d_sae,), "[dict_size]")),
+        k=None, apply_b_dec_to_input=False, hook_name=None,
+    )
+
+
+_DICTIONARY_LEARNING_CLASSES: dict[str, Callable[[_Weights, Mapping[str, Any], int, int, Path], _Checkpoint]] = {
+    "AutoEncoder": _dl_autoencoder,
+    "AutoEncoderTopK": _dl_topk,
+    "BatchTopKSAE": _dl_batch_topk,
+    "MatryoshkaBatchTopKSAE": _dl_matryoshka,
+    "JumpReluAutoEncoder": _dl_jumprelu,
+}
+
+
+def _dictionary_learning_hook(trainer: Mapping[str, Any], layer: int | None) -> str | None:
+    """From ``submodule_name`` like ``resid_post_layer_3``; without one, resid_post of ``trainer.layer``.
+
+    The resid_post default is what SAELens assumes for these checkpoints. A submodule name this
+    does not recognise gives ``None`` rather than a guess.
+    """
+    submodule = trainer.get("submodule_name")
+    file_layer = trainer.get("layer") if isinstance(trainer.get("layer"), int) else None
+    if submodule is None:
+        point = "hook_resid_post"
+    else:
+        match = re.fullmatch(r"(resid_pre|resid_mid|resid_post|attn_out|mlp_out)_layer_(\d+)", str(submodule))
+        if match is None:
+            return None
+        point, file_layer = f"hook_{match.group(1)}", int(match.group(2))
+    return _block_hook(layer if layer is not None else file_layer, point)
+
+
+_LOADERS: dict[str, Callable[[Path, int | None, _Reading], _Checkpoint]] = {
+    "saelens": _load_saelens,
+    "gemma_scope": _load_gemma_scope,
+    "sparsify": _load_sparsify,
+    "dictionary_learning": _load_dictionary_learning,
+}
+
+
+# --------------------------------------------------------------------------------------- saving
+
+
+def _saelens_cfg(sae: SAE) -> dict[str, Any]:
+    """A SAELens cfg.json for ``sae``, readable by SAELens 6 and by its pre-6.0 compatibility path."""
+    architecture = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[sae.activation]
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        # SAELens flattens [.., heads, d_head] input for hook_z SAEs; the math is unchanged.
+        "reshape_activations": "hook_z" if (sae.hook_name or "").endswith("hook_z") else "none",
+        # SAELens 6 reads metadata.hook_name; configs without a sae_lens_version take the
+        # top-level one, so write both.
+        "hook_name": sae.hook_name,
+        "metadata": {"hook_name": sae.hook_name},
+    }
+    if sae.activation == "topk":
+        cfg["k"] = sae.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def _distinct_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no shared storage, as safetensors requires (e.g. a tied W_enc = W_dec.T)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    # Write beside the target and rename over it: the old inode stays valid for any live memory
+    # map of it (an SAE loaded from this file), and a crash never leaves a half-written file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
