@@ -58,7 +58,7 @@ def steer(
     attached = _attach(layout, available, _sae_by_site(saes), sites)
     param = next(model.parameters())
     tag = f"m{next(_model_ids)}"
-    routing = RoutingState(capacity, param.device)
+    routing = RoutingState(capacity, param.dtype, param.device)
     states: dict[Site, SiteState] = {}
     for site, sae in attached.items():
         if sae is not None and sae.d_in != layout.hidden_size:

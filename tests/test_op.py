@@ -18,7 +18,7 @@ D = 16
 
 
 def make_site(sae, handle: str, capacity: Capacity = Capacity(max_rows=4, max_clamps=4)) -> SiteState:
-    state = SiteState(SITE, D, sae, capacity, RoutingState(capacity, torch.device("cpu")), torch.float32,
+    state = SiteState(SITE, D, sae, capacity, RoutingState(capacity, torch.float32, torch.device("cpu")), torch.float32,
                       torch.device("cpu"))
     register_site(handle, state)
     return state

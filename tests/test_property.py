@@ -53,7 +53,7 @@ def test_op_matches_reference(data, spec: dict, d: int, batch: int, seq: int) ->
     d_sae = spec.pop("d_sae")
     sae = random_sae(d, d_sae, **spec)
     capacity = Capacity(max_rows=4, max_clamps=12)
-    state = SiteState(SITE, d, sae, capacity, RoutingState(capacity, torch.device("cpu")), torch.float32,
+    state = SiteState(SITE, d, sae, capacity, RoutingState(capacity, torch.float32, torch.device("cpu")), torch.float32,
                       torch.device("cpu"))
     register_site("property:op", state)
     per_row = data.draw(st.lists(st.none() | steerings({SITE: d_sae}, d), min_size=batch, max_size=batch))

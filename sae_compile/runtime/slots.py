@@ -150,7 +150,7 @@ class SlotManager:
             row = self._free.pop()
             for name, site in self._sites.items():
                 site.write_row(row, staged.edits.get(name))
-            self._routing.row_scope[row] = staged.scope
+            self._routing.set_scope(row, staged.scope)
             self._row_of_key[staged.key] = row
         self._refs[row] = self._refs.get(row, 0) + 1
         self._requests[request_id] = Request(row, staged.key, prompt_len)
@@ -166,7 +166,7 @@ class SlotManager:
             del self._row_of_key[request.key]
             for site in self._sites.values():
                 site.write_row(request.row, None)
-            self._routing.row_scope[request.row] = 0
+            self._routing.set_scope(request.row, 0)
             self._free.append(request.row)
 
 

@@ -53,25 +53,40 @@ class RoutingState:
       ``batch_rows [max_batch]`` (steering row per batch row, 0 = none),
       ``batch_prompt_len [max_batch]`` (the row's prompt length), ``row_scope [R]``
       (per steering row: 1 all, 2 prompt, 3 generated).
-    Device-computed (per forward, by ``route``): ``token_mask [max_tokens]``.
+    Device-computed (per forward, by ``route``): ``token_mask [max_tokens]`` and the same
+    mask as 0/1 in the model dtype, ``token_weight [max_tokens]``.
     """
 
-    def __init__(self, capacity: Capacity, device: torch.device) -> None:
+    def __init__(self, capacity: Capacity, dtype: torch.dtype, device: torch.device) -> None:
         self.capacity = capacity
         self.batch_rows = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
         self.batch_prompt_len = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
         self.row_scope = torch.zeros(capacity.max_rows + 1, dtype=torch.long, device=device)
         self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
+        self.token_weight = torch.zeros(capacity.max_tokens, dtype=dtype, device=device)
+        self._scope_host = [0] * (capacity.max_rows + 1)
+        self._assigned: tuple[int, ...] = ()
+        self._version = 0
+        self._routed: tuple | None = None
 
-    def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows ``[batch]`` and token mask ``[batch, seq]`` for a forward of that shape."""
-        return self.batch_rows[:batch], self.token_mask[: batch * seq].view(batch, seq)
+    def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a ``[batch, seq]`` forward: rows ``[B]``, token mask ``[B, S]`` and weight ``[B, S]``."""
+        n = batch * seq
+        return self.batch_rows[:batch], self.token_mask[:n].view(batch, seq), self.token_weight[:n].view(batch, seq)
+
+    def set_scope(self, row: int, scope: int) -> None:
+        """Host write: steering ``row`` covers ``scope`` (0 none, 1 all, 2 prompt, 3 generated)."""
+        self.row_scope[row] = scope
+        self._scope_host[row] = scope
+        self._version += 1
 
     def assign(self, rows: list[int], prompt_lens: list[int]) -> None:
         """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``."""
         batch = len(rows)
         self.batch_rows[:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
         self.batch_prompt_len[:batch].copy_(torch.tensor(prompt_lens, dtype=torch.long), non_blocking=True)
+        self._assigned = tuple(rows)
+        self._version += 1
 
     def route(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
         """Device-only: mark the tokens of the next forward that are steered.
@@ -82,21 +97,27 @@ class RoutingState:
         padding. No host sync and no data-dependent shapes, so this can sit inside a
         captured CUDA graph and follow the positions from prefill into decode.
         """
+        capturing = self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+        # When no assigned row's scope depends on position and there is no padding, the
+        # mask only changes with the assignment: the host knows when to skip the work.
+        key = (batch, seq, self._version)
+        static = attention_mask is None and all(self._scope_host[r] in (0, SCOPE_ALL) for r in self._assigned[:batch])
+        if static and not capturing and self._routed == key:
+            return
         rows = self.batch_rows[:batch]  # [B]
         scope = self.row_scope[rows][:, None]  # [B, 1]
         in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
         mask = (scope == SCOPE_ALL) | ((scope == SCOPE_PROMPT) & in_prompt) | ((scope == SCOPE_GENERATED) & ~in_prompt)
         if attention_mask is not None:
             mask = mask & (attention_mask[:, -seq:] != 0)  # padding is never steered
-        self.token_mask[: batch * seq].view(batch, seq).copy_(mask)
+        _, token_mask, token_weight = self.view(batch, seq)
+        token_mask.copy_(mask)
+        token_weight.copy_(mask)
+        self._routed = key if static else None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "routing.batch_rows": self.batch_rows,
-            "routing.batch_prompt_len": self.batch_prompt_len,
-            "routing.row_scope": self.row_scope,
-            "routing.token_mask": self.token_mask,
-        }
+        names = ("batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight")
+        return {f"routing.{name}": getattr(self, name) for name in names}
 
 
 @dataclass
@@ -124,10 +145,15 @@ class SiteState:
       ``W_enc_t [F, D]`` (encoder columns as rows, so gathering features is contiguous),
       ``b_enc [F]`` (with ``-b_dec @ W_enc`` folded in when the SAE subtracts b_dec from its
       input), ``threshold [F]`` (0 for ReLU), ``W_dec [F, D]``, ``b_dec [D]``.
-    Row tables (``R = max_rows + 1``, ``C = max_clamps``):
-      ``add_vec [R, D]``, ``clamp_idx [R, C]``, ``clamp_mul [R, C]`` and ``clamp_shift [R, C]``
-      (fp32; unused slots are the identity ``mul=1, shift=0``), ``sparse_row [R]`` (clamps via
-      the O(K·D) delta) and ``full_row [R]`` (needs the full encode), ``reconstruct_row [R]``.
+    Row tables (``R = max_rows + 1``, ``C = max_clamps``); unused slots are all-zero or the
+    identity, so they contribute exactly nothing:
+      ``add_vec [R, D]``: the additive vector.
+      Sparse delta rows (clamps on an elementwise SAE), pre-gathered at admission so a
+      forward reads ``C`` features, not ``F``: ``sparse_enc [R, C, D]`` and
+      ``sparse_dec [R, C, D]`` (the clamped features' encoder and decoder rows) and
+      ``sparse_params [R, 4, C]`` fp32 (``b_enc``, ``threshold``, ``mul - 1``, ``shift``).
+      Full rows (Reconstruct, or clamps on a TopK SAE): ``clamp_idx [R, C]``,
+      ``clamp_mul [R, C]``, ``clamp_shift [R, C]`` fp32, ``full_row [R]``, ``reconstruct_row [R]``.
     """
 
     def __init__(
@@ -150,24 +176,26 @@ class SiteState:
         self.k = None if sae is None else sae.k
         self.d_sae = 0 if sae is None else sae.d_sae
         f = max(self.d_sae, 1)
-        self.W_enc_t = torch.zeros(f, hidden_size, dtype=dtype, device=device)
-        self.b_enc = torch.zeros(f, dtype=dtype, device=device)
-        self.threshold = torch.zeros(f, dtype=dtype, device=device)
-        self.W_dec = torch.zeros(f, hidden_size, dtype=dtype, device=device)
-        self.b_dec = torch.zeros(hidden_size, dtype=dtype, device=device)
-        self.add_vec = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
-        self.clamp_idx = torch.zeros(rows, clamps, dtype=torch.long, device=device)
+
+        def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.W_enc_t, self.b_enc, self.threshold = zeros(f, hidden_size), zeros(f), zeros(f)
+        self.W_dec, self.b_dec = zeros(f, hidden_size), zeros(hidden_size)
+        self.add_vec = zeros(rows, hidden_size)
+        self.sparse_enc, self.sparse_dec = zeros(rows, clamps, hidden_size), zeros(rows, clamps, hidden_size)
+        self.sparse_params = zeros(rows, 4, clamps, dtype=torch.float32)
+        self.clamp_idx = zeros(rows, clamps, dtype=torch.long)
         self.clamp_mul = torch.ones(rows, clamps, dtype=torch.float32, device=device)
-        self.clamp_shift = torch.zeros(rows, clamps, dtype=torch.float32, device=device)
-        self.sparse_row = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.full_row = torch.zeros(rows, dtype=torch.bool, device=device)
-        self.reconstruct_row = torch.zeros(rows, dtype=torch.bool, device=device)
-        # Host mirrors of "which rows need this path": let the op skip whole paths
-        # without reading device memory (no host sync).
+        self.clamp_shift = zeros(rows, clamps, dtype=torch.float32)
+        self.full_row = zeros(rows, dtype=torch.bool)
+        self.reconstruct_row = zeros(rows, dtype=torch.bool)
+        # Host mirrors: what each row holds, so the op can skip whole paths without reading
+        # device memory (no host sync) and a hot swap can re-gather the sparse rows.
+        self._edits: dict[int, RowEdits] = {}
         self._add_rows: set[int] = set()
         self._sparse_rows: set[int] = set()
         self._full_rows: set[int] = set()
-        self.max_feature = [-1] * rows
         if sae is not None:
             self._load_sae(sae)
 
@@ -176,8 +204,65 @@ class SiteState:
         """True when each feature depends on its own encoder column only (ReLU, JumpReLU)."""
         return self.activation in ("relu", "jumprelu")
 
+    @property
+    def any_add(self) -> bool:
+        return bool(self._add_rows)
+
+    @property
+    def any_sparse(self) -> bool:
+        return bool(self._sparse_rows)
+
+    @property
+    def any_full(self) -> bool:
+        return bool(self._full_rows)
+
+    def max_feature(self) -> int:
+        """The largest feature index any live row clamps (-1 if none)."""
+        return max((max(e.features, default=-1) for e in self._edits.values()), default=-1)
+
+    def write_row(self, row: int, edits: RowEdits | None) -> None:
+        """Make steering ``row`` do ``edits`` at this site (``None``: nothing). In place."""
+        edits = edits or RowEdits()
+        n = len(edits.features)
+        full = edits.reconstruct or (n > 0 and not self.elementwise)
+        sparse = n > 0 and not full
+        idx = torch.zeros(self.clamp_idx.shape[1], dtype=torch.long)
+        mul = torch.ones(self.clamp_idx.shape[1], dtype=torch.float32)
+        shift = torch.zeros(self.clamp_idx.shape[1], dtype=torch.float32)
+        idx[:n] = torch.tensor(edits.features, dtype=torch.long)
+        mul[:n] = torch.tensor(edits.mul, dtype=torch.float32)
+        shift[:n] = torch.tensor(edits.shift, dtype=torch.float32)
+        with torch.no_grad():
+            self.add_vec[row].copy_(edits.add if edits.add is not None else torch.zeros(self.hidden_size))
+            self.clamp_idx[row].copy_(idx)
+            self.clamp_mul[row].copy_(mul if full else torch.ones_like(mul))
+            self.clamp_shift[row].copy_(shift if full else torch.zeros_like(shift))
+            self.full_row[row] = full
+            self.reconstruct_row[row] = edits.reconstruct
+        self._edits[row] = edits
+        for rows, member in ((self._add_rows, edits.add is not None), (self._sparse_rows, sparse), (self._full_rows, full)):
+            (rows.add if member else rows.discard)(row)
+        self._gather_sparse(row)
+
+    def _gather_sparse(self, row: int) -> None:
+        """Copy the encoder/decoder rows and parameters of ``row``'s clamped features into the
+        sparse tables (all zero unless the row is a sparse delta row)."""
+        edits = self._edits.get(row, RowEdits())
+        n = len(edits.features) if row in self._sparse_rows else 0
+        idx = torch.tensor(edits.features[:n], dtype=torch.long, device=self.W_enc_t.device)
+        with torch.no_grad():
+            for table in (self.sparse_enc[row], self.sparse_dec[row], self.sparse_params[row]):
+                table.zero_()
+            self.sparse_enc[row, :n].copy_(self.W_enc_t[idx])
+            self.sparse_dec[row, :n].copy_(self.W_dec[idx])
+            self.sparse_params[row, 0, :n].copy_(self.b_enc[idx])
+            self.sparse_params[row, 1, :n].copy_(self.threshold[idx])
+            self.sparse_params[row, 2, :n].copy_(torch.tensor(edits.mul[:n]) - 1.0)
+            self.sparse_params[row, 3, :n].copy_(torch.tensor(edits.shift[:n]))
+
     def _load_sae(self, sae: SAE) -> None:
-        """Copy ``sae`` into the buffers; features past its width become all-zero (never fire)."""
+        """Copy ``sae`` into the buffers (features past its width become all-zero and never
+        fire), then re-gather the sparse rows from it."""
         f = sae.d_sae
         b_enc = sae.b_enc.double()
         if sae.apply_b_dec_to_input:
@@ -191,6 +276,8 @@ class SiteState:
             self.b_dec.copy_(sae.b_dec)
             for buffer in (self.W_enc_t, self.b_enc, self.threshold, self.W_dec):
                 buffer[f:].zero_()
+        for row in self._sparse_rows:
+            self._gather_sparse(row)
 
     def swap_sae(self, sae: SAE) -> None:
         """Replace this site's SAE in place, without recompiling.
@@ -218,7 +305,7 @@ class SiteState:
                 f"{sae.activation!r} (k={sae.k}). Changing the activation changes the compiled arithmetic: "
                 "use sc.steer() again."
             )
-        used = max(self.max_feature)
+        used = self.max_feature()
         if used >= sae.d_sae:
             raise ValueError(
                 f"load_sae: a live steering row clamps feature {used} at {self.name}, beyond the new SAE's "
@@ -236,54 +323,12 @@ class SiteState:
                         getattr(self, name).copy_(saved)
         self.sae, self.d_sae = sae, sae.d_sae
 
-    def write_row(self, row: int, edits: RowEdits | None) -> None:
-        """Make steering ``row`` do ``edits`` at this site (``None``: nothing). In place."""
-        clamps = self.clamp_idx.shape[1]
-        n = 0 if edits is None else len(edits.features)
-        idx = torch.zeros(clamps, dtype=torch.long)
-        mul = torch.ones(clamps, dtype=torch.float32)
-        shift = torch.zeros(clamps, dtype=torch.float32)
-        if edits is not None:
-            idx[:n] = torch.tensor(edits.features, dtype=torch.long)
-            mul[:n] = torch.tensor(edits.mul, dtype=torch.float32)
-            shift[:n] = torch.tensor(edits.shift, dtype=torch.float32)
-        add = edits is not None and edits.add is not None
-        reconstruct = edits is not None and edits.reconstruct
-        full = reconstruct or (n > 0 and not self.elementwise)
-        sparse = n > 0 and not full
-        with torch.no_grad():
-            self.add_vec[row].copy_(edits.add if add else torch.zeros(self.hidden_size))
-            self.clamp_idx[row].copy_(idx)
-            self.clamp_mul[row].copy_(mul)
-            self.clamp_shift[row].copy_(shift)
-            self.sparse_row[row] = sparse
-            self.full_row[row] = full
-            self.reconstruct_row[row] = reconstruct
-        for rows, member in ((self._add_rows, add), (self._sparse_rows, sparse), (self._full_rows, full)):
-            (rows.add if member else rows.discard)(row)
-        self.max_feature[row] = max(edits.features, default=-1) if edits is not None else -1
-
-    @property
-    def any_add(self) -> bool:
-        return bool(self._add_rows)
-
-    @property
-    def any_sparse(self) -> bool:
-        return bool(self._sparse_rows)
-
-    @property
-    def any_full(self) -> bool:
-        return bool(self._full_rows)
-
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = (
-            "W_enc_t", "b_enc", "threshold", "W_dec", "b_dec", "add_vec", "clamp_idx", "clamp_mul",
-            "clamp_shift", "sparse_row", "full_row", "reconstruct_row",
-        )
-        return {f"{self.name}.{n}": getattr(self, n) for n in names}
+        return {f"{self.name}.{n}": getattr(self, n) for n in (*_SAE_BUFFERS, *_ROW_TABLES)}
 
 
-_SAE_BUFFERS = ("W_enc_t", "b_enc", "threshold", "W_dec", "b_dec")
+_SAE_BUFFERS = ("W_enc_t", "b_enc", "threshold", "W_dec", "b_dec", "sparse_enc", "sparse_dec", "sparse_params")
+_ROW_TABLES = ("add_vec", "clamp_idx", "clamp_mul", "clamp_shift", "full_row", "reconstruct_row")
 _REGISTRY: weakref.WeakValueDictionary[str, SiteState] = weakref.WeakValueDictionary()
 
 

@@ -23,27 +23,30 @@ from ...runtime.state import SiteState
 def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new tensor."""
     batch, seq, _ = x.shape
-    rows, mask = site.routing.view(batch, seq)  # [B], [B, S]
+    rows, mask, weight = site.routing.view(batch, seq)  # [B], [B, S] bool, [B, S] 0/1
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     # A captured graph must contain every path a later replay may need.
     out = x
     if site.any_add or capturing:
-        vec = site.add_vec[rows]  # [B, D]
-        out = torch.where(mask[..., None], out + vec[:, None, :], out)
+        out = torch.addcmul(out, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
     if site.any_sparse or (capturing and site.elementwise):
-        out = _sparse_delta(out, rows, mask & site.sparse_row[rows][:, None], site)
+        out = _sparse_delta(out, rows, weight, site)
     if site.any_full or (capturing and site.d_sae > 0):
         out = _full_path(out, rows, mask & site.full_row[rows][:, None], site)
     return x.clone() if out is x else out
 
 
-def _sparse_delta(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
-    idx = site.clamp_idx[rows]  # [B, C]
-    pre = torch.einsum("bsd,bcd->bsc", x, site.W_enc_t[idx]) + site.b_enc[idx][:, None, :]  # [B, S, C]
-    f = torch.where(pre > site.threshold[idx][:, None, :], pre, torch.zeros_like(pre)).float()  # [B, S, C]
-    coef = (site.clamp_mul[rows] - 1.0)[:, None, :] * f + site.clamp_shift[rows][:, None, :]  # [B, S, C]
-    delta = torch.einsum("bsc,bcd->bsd", coef.to(x.dtype), site.W_dec[idx])  # [B, S, D]
-    return torch.where(mask[..., None], x + delta, x)
+def _sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """``x + sum_c coef_c * dec_c`` over each row's (pre-gathered) clamped features.
+
+    Unused slots and other rows' tables are zero, and ``weight`` zeroes unsteered tokens,
+    so their ``coef`` is exactly 0 and ``x`` comes back unchanged.
+    """
+    params = site.sparse_params[rows][:, None]  # [B, 1, 4, C]: b_enc, threshold, mul - 1, shift
+    pre = torch.bmm(x, site.sparse_enc[rows].transpose(1, 2)).float() + params[..., 0, :]  # [B, S, C]
+    f = pre * (pre > params[..., 1, :])  # [B, S, C] JumpReLU (ReLU: threshold 0)
+    coef = torch.addcmul(params[..., 3, :], f, params[..., 2, :]) * weight[..., None]  # [B, S, C]
+    return torch.baddbmm(x, coef.to(x.dtype), site.sparse_dec[rows])  # [B, S, D]
 
 
 def _full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""What steering costs: compiled steered vs unsteered, vs eager hooks, vs compiled hooks.
+
+Model: a random Llama (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8192) with a
+JumpReLU SAE of width 8192 at ``blocks.4.hook_resid_post``; batch 8. Two measurements:
+decode-step latency on a static KV cache, and prefill throughput at 8x128. Configurations:
+
+  a   compiled, unsteered (plain torch.compile)
+  b   compiled, steered: 4 clamps per row (error-preserving delta)
+  c8  compiled, Reconstruct on all 8 rows
+  c1  compiled, Reconstruct on 1 of the 8 rows
+  d   eager HF model + a forward hook doing the same clamp the SAELens way (full encode/decode)
+  e   torch.compile of the model with that forward hook
+  f   the bare SAE encode + decode matmuls for the same tokens
+
+Every number is a median over interleaved repeats after warmup, measured in one run, so
+the ratios compare like with like. On CUDA the compiled configurations use CUDA graphs
+(mode="reduce-overhead"). Prints a table and writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch._dynamo.utils import counters
+
+import sae_compile as sc
+
+SITE, LAYER = "blocks.4.hook_resid_post", 4
+FEATURES = (11, 222, 333, 444)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(device: torch.device, dtype: torch.dtype, small: bool) -> tuple[torch.nn.Module, sc.SAE]:
+    """The benchmark's model and SAE (``small``: a quick smoke-test size)."""
+    torch.manual_seed(0)
+    hidden, layers, inter, vocab, width = (128, 6, 344, 1024, 1024) if small else (512, 8, 1376, 8192, 8192)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=1024,
+    )
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    sae = sc.SAE(
+        torch.randn(hidden, width, generator=g) / hidden**0.5, torch.randn(width, hidden, generator=g) / hidden**0.5,
+        torch.zeros(width), torch.zeros(hidden), activation="jumprelu", threshold=0.1 * torch.rand(width, generator=g),
+        hook_name=SITE,
+    ).to(device=device, dtype=dtype)
+    return model, sae
+
+
+def saelens_hook(sae: sc.SAE) -> Callable:
+    """The usual eager approach: encode everything, clamp, decode, keep the SAE error."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = output[0] if isinstance(output, tuple) else output
+        f = sae.encode(x)
+        error = x - sae.decode(f)
+        f[..., list(FEATURES)] = 5.0
+        steered = sae.decode(f) + error
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    return hook
+
+
+def median_ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - start) * 1e3
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, sae = build(device, dtype, args.small)
+    batch, prefill_len = 8, 128
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cache_len = prefill_len + 8 + args.warmup + args.repeats + 8
+
+    plain = torch.compile(model, mode=mode)
+    steered = sc.steer(model, {SITE: sae}, mode=mode, max_batch=batch, max_tokens=batch * prefill_len)
+    clamp = sc.Steering(*(sc.Clamp(SITE, f, 5.0) for f in FEATURES))
+    recon = sc.Steering(sc.Reconstruct(SITE))
+    configs = {
+        "a": (plain, None),
+        "b": (steered, clamp),
+        "c8": (steered, recon),
+        "c1": (steered, [recon] + [None] * (batch - 1)),
+    }
+    # The hooked model is a copy, so the compiled configurations above never see the hook.
+    hooked_model = copy.deepcopy(model)
+    hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
+    configs["e"] = (torch.compile(hooked_model, mode=mode), None)
+    configs["d"] = (hooked_model, None)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
+    step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+
+    def prefill(name: str) -> Callable[[], object]:
+        fn, steering = configs[name]
+        if fn is steered:
+            return lambda: steered(prompts, steering=steering, use_cache=False)
+        return lambda: fn(prompts, use_cache=False)
+
+    def decoder(name: str) -> Callable[[], object]:
+        """A decode step on a static cache primed with an 8-token prompt."""
+        fn, steering = configs[name]
+        print(f"priming the decode cache for {name} ...", flush=True)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
+        with torch.no_grad():
+            if fn is steered:
+                steered(prompts[:, :8], steering=steering, cache=cache)
+                return lambda: steered.step(step_ids, cache=cache)
+            fn(prompts[:, :8], cache=cache)
+            return lambda: fn(step_ids, cache=cache)
+
+    x_pre = torch.randn(batch, prefill_len, model.config.hidden_size, device=device, dtype=dtype)
+    x_dec = x_pre[:, :1]
+    timings: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
+    with torch.no_grad():
+        steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
+        steps["decode"]["f"] = lambda: sae.decode(sae.encode(x_dec))
+        steps["prefill"]["f"] = lambda: sae.decode(sae.encode(x_pre))
+        for phase, fns in steps.items():
+            for name, fn in fns.items():
+                print(f"warming up {phase} {name} ...", flush=True)
+                for _ in range(args.warmup):
+                    fn()
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(args.repeats):
+            for phase, fns in steps.items():
+                for name, fn in fns.items():
+                    timings[phase].setdefault(name, []).append(median_ms(fn, sync))
+    recompiles = counters["stats"]["unique_graphs"] - graphs
+    medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
+    return {"medians_ms": medians, "recompiles_during_timing": recompiles}
+
+
+def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for phase, m in medians.items():
+        out[phase] = {
+            "b/a": m["b"] / m["a"],
+            "d/b": m["d"] / m["b"],
+            "e/b": m["e"] / m["b"],
+            "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
+            "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
+        }
+    return out
+
+
+TARGETS = {
+    ("decode", "b/a"): ("<=", 1.03), ("prefill", "b/a"): ("<=", 1.03), ("decode", "d/b"): (">=", 1.5),
+    ("decode", "(c8-a)/f"): ("<=", 1.25), ("prefill", "(c8-a)/f"): ("<=", 1.25),
+    ("decode", "(c1-a)/(c8-a)"): ("<=", 0.25), ("prefill", "(c1-a)/(c8-a)"): ("<=", 0.25),
+}
+
+
+def machine(device: str) -> dict:
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": device}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--small", action="store_true", help="a small model, for a quick smoke test")
+    args = parser.parse_args()
+    result = run(args)
+    result["ratios"] = ratios(result["medians_ms"])
+    result["machine"] = machine(args.device)
+    result["config"] = vars(args)
+    print(f"\nmachine: {result['machine']}")
+    print(f"{'config':8}" + "".join(f"{p + ' ms':>14}" for p in result["medians_ms"]))
+    for name in result["medians_ms"]["decode"]:
+        print(f"{name:8}" + "".join(f"{result['medians_ms'][p][name]:14.3f}" for p in result["medians_ms"]))
+    print(f"\n{'ratio':16}{'decode':>10}{'prefill':>10}   target")
+    for key in result["ratios"]["decode"]:
+        target = " / ".join(f"{p}: {TARGETS[(p, key)][0]} {TARGETS[(p, key)][1]}" for p in ("decode", "prefill") if (p, key) in TARGETS)
+        print(f"{key:16}{result['ratios']['decode'][key]:10.3f}{result['ratios']['prefill'][key]:10.3f}   {target}")
+    print(f"recompiles while timing: {result['recompiles_during_timing']}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"overhead_{args.device.split(':')[0]}{'_small' if args.small else ''}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
