@@ -220,7 +220,7 @@ class SteeredModel:
         batch, seq = _batch_and_seq(input_ids, kwargs)
         past = _past_length(kwargs)
         if prompt_len is None:
-            prompt_len = seq if past == 0 else past
+            prompt_len = seq if int(past) == 0 else int(past)
         prompt_lens = [prompt_len] * batch if isinstance(prompt_len, int) else [int(p) for p in prompt_len]
         if len(prompt_lens) != batch:
             raise ValueError(f"prompt_len has {len(prompt_lens)} entries for a batch of {batch}.")
@@ -378,20 +378,22 @@ def _batch_and_seq(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> tu
     return tokens.shape[0], tokens.shape[1]
 
 
-def _past_length(kwargs: dict[str, Any]) -> int:
+def _past_length(kwargs: dict[str, Any]) -> int | torch.Tensor:
+    """Tokens already in the cache. Static caches keep this on the device: it is returned as
+    a tensor, never read back, so the hot path stays free of host syncs."""
     # transformers 5 renamed the forward keyword ``past_key_values`` to ``cache``.
     past = kwargs.get("past_key_values", kwargs.get("cache"))
     if past is None:
         return 0
-    return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else int(past[0][0].shape[-2])
+    return past.get_seq_length() if hasattr(past, "get_seq_length") else past[0][0].shape[-2]
 
 
-def _positions(seq: int, past: int, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+def _positions(seq: int, past: int | torch.Tensor, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
     """Cache positions ``[S]`` of this call's tokens in the (padded) sequence."""
     cache_position = kwargs.get("cache_position")
     if cache_position is not None:
         return cache_position
-    return torch.arange(past, past + seq, device=device)
+    return torch.arange(seq, device=device) + past
 
 
 @contextlib.contextmanager

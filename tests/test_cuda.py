@@ -1,0 +1,108 @@
+"""GPU behaviour (marked ``cuda``; skipped without a GPU): a manually captured decode step,
+CUDA graph trees under mode="reduce-overhead", and no host sync in the steered forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch._dynamo.utils import counters
+
+import sae_compile as sc
+from sae_compile.runtime.capture import capture
+from tests.factories import assert_rel_close, random_sae, rel_err
+from tests.models import hidden_size, make_model
+from tests.reference import reference_logits
+
+pytestmark = pytest.mark.cuda
+POST, MLP = "blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"
+BATCH, PROMPT, STEPS = 2, 5, 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("llama", seed=3).cuda()
+    d = hidden_size(model)
+    saes = {POST: random_sae(d, 64, "jumprelu", seed=1).to("cuda"),
+            MLP: random_sae(d, 32, "topk", k=4, seed=2).to("cuda")}
+    return model, saes
+
+
+STEERINGS = [
+    sc.Steering(sc.Clamp(POST, 3, 5.0), sc.AddVector(MLP, torch.ones(32))),
+    sc.Steering(sc.Reconstruct(MLP), sc.Clamp(MLP, 1, 2.0, "scale"), tokens="generated"),
+    sc.Steering(sc.Clamp(POST, 7, -3.0, "add"), tokens="prompt"),
+    None,
+]
+
+
+def test_captured_decode_step_follows_in_place_steering_changes(setup) -> None:
+    """One capture serves every step while row b's steering changes in place between replays.
+
+    Row a keeps one steering, so it is checked against the independent reference at every
+    step. Row b's KV cache mixes steerings over time, so it is checked against the same
+    steps run live (uncaptured) on a second cache.
+    """
+    model, saes = setup
+    steered = sc.steer(model, saes, max_batch=BATCH)
+    captured_cache, live_cache = (
+        transformers.StaticCache(config=model.config, max_cache_len=PROMPT + STEPS + 4) for _ in range(2)
+    )
+    prompt = torch.randint(3, 97, (BATCH, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    step_ids = torch.zeros(BATCH, 1, dtype=torch.long, device="cuda")
+    steered.slots.admit("a", STEERINGS[0], PROMPT)
+    steered.slots.admit("b", None, PROMPT)
+    steered.slots.assign(["a", "b"])
+    graph, out = capture(lambda: steered.step(step_ids, cache=captured_cache), reset=captured_cache.reset)
+    with torch.no_grad():
+        first = steered.step(prompt, cache=captured_cache).logits  # prefill, not captured
+        steered.step(prompt, cache=live_cache)
+    tokens = torch.cat([prompt, first[:, -1:].argmax(-1)], dim=1)
+    graphs = counters["stats"]["unique_graphs"]
+    for i in range(STEPS):
+        steered.slots.update("b", STEERINGS[(i + 1) % len(STEERINGS)])
+        step_ids.copy_(tokens[:, -1:])
+        graph.replay()
+        with torch.no_grad():
+            live = steered.step(step_ids, cache=live_cache).logits[:, -1]
+        assert_rel_close(out.logits[:, -1], live, 1e-5)
+        expected = reference_logits(model, tokens[:1], saes=saes, steering=STEERINGS[0], prompt_len=PROMPT)[:, -1]
+        assert_rel_close(out.logits[:1, -1], expected, 1e-4)
+        tokens = torch.cat([tokens, out.logits[:, -1:].argmax(-1)], dim=1)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not torch.equal(tokens[0], tokens[1])
+
+
+def test_reduce_overhead_has_no_cudagraph_skips(setup) -> None:
+    model, saes = setup
+    counters["inductor"]["cudagraph_skips"] = 0
+    steered = sc.steer(model, saes, mode="reduce-overhead", max_batch=BATCH)
+    ids = torch.randint(3, 97, (BATCH, 7), device="cuda")
+    with torch.no_grad():
+        for steering in [None, STEERINGS[0], STEERINGS[0], [STEERINGS[1], STEERINGS[2]], STEERINGS[2], None]:
+            got = steered(ids, steering=steering, prompt_len=4).logits.clone()
+            expected = reference_logits(model, ids, saes=saes, steering=steering, prompt_len=4)
+            assert_rel_close(got, expected, 1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert rel_err(expected, reference_logits(model, ids)) > 1e-3
+
+
+def test_no_host_sync_in_the_steered_forward(setup) -> None:
+    model, saes = setup
+    steered = sc.steer(model, saes, max_batch=BATCH)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(3, 97, (BATCH, 4), device="cuda")
+    steered.slots.admit("s", STEERINGS[1], 2)
+    steered.slots.assign(["s", None])
+    with torch.no_grad():
+        steered.step(ids, cache=cache)
+        steered.step(ids[:, :1], cache=cache)  # compile both shapes first
+        cache.reset()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            steered.step(ids, cache=cache)
+            steered.step(ids[:, :1], cache=cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
