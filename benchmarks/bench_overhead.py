@@ -120,10 +120,10 @@ def run(args: argparse.Namespace) -> dict:
         cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
         with torch.no_grad():
             if fn is steered:
-                steered(prompts[:, :8], steering=steering, cache=cache)
-                return lambda: steered.step(step_ids, cache=cache)
-            fn(prompts[:, :8], cache=cache)
-            return lambda: fn(step_ids, cache=cache)
+                steered(prompts[:, :8], steering=steering, past_key_values=cache)
+                return lambda: steered.step(step_ids, past_key_values=cache)
+            fn(prompts[:, :8], past_key_values=cache)
+            return lambda: fn(step_ids, past_key_values=cache)
 
     x_pre = torch.randn(batch, prefill_len, model.config.hidden_size, device=device, dtype=dtype)
     x_dec = x_pre[:, :1]

@@ -46,7 +46,7 @@ def main() -> None:
         return sc.Steering(*edits, tokens=rng.choice(["all", "generated"]))
 
     if device != "cuda":
-        steered.warmup([(SLOTS, 1)], cache=cache)  # compile the decode step before any request
+        steered.warmup([(SLOTS, 1)], past_key_values=cache)  # compile the decode step before any request
         cache.reset()
     slots: list[str | None] = [None] * SLOTS
     for i in range(SLOTS):
@@ -54,24 +54,24 @@ def main() -> None:
         steered.slots.admit(slots[i], new_steering(), PROMPT)
     steered.slots.assign(slots)
     if device == "cuda":
-        graph, out = capture(lambda: steered.step(step_ids, cache=cache), reset=cache.reset)
+        graph, out = capture(lambda: steered.step(step_ids, past_key_values=cache), reset=cache.reset)
         decode = graph.replay
     else:
         out = None
 
         def decode() -> None:
             nonlocal out
-            out = steered.step(step_ids, cache=cache)
+            out = steered.step(step_ids, past_key_values=cache)
 
     prompt = torch.randint(0, config.vocab_size, (SLOTS, PROMPT), device=device)
     with torch.no_grad():
-        steered.step(prompt, cache=cache)  # prefill
+        steered.step(prompt, past_key_values=cache)  # prefill
         step_ids.copy_(prompt[:, -1:])
         decode()  # compile the decode shape before counting
     graphs = counters["stats"]["unique_graphs"]
     served = SLOTS
     with torch.no_grad():
-        for step in range(STEPS):
+        for _step in range(STEPS):
             slot = rng.randrange(SLOTS)
             event = rng.random()
             if event < 0.15:  # the request in this slot finishes; a new one joins

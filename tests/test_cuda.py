@@ -54,10 +54,10 @@ def test_captured_decode_step_follows_in_place_steering_changes(setup) -> None:
     steered.slots.admit("a", STEERINGS[0], PROMPT)
     steered.slots.admit("b", None, PROMPT)
     steered.slots.assign(["a", "b"])
-    graph, out = capture(lambda: steered.step(step_ids, cache=captured_cache), reset=captured_cache.reset)
+    graph, out = capture(lambda: steered.step(step_ids, past_key_values=captured_cache), reset=captured_cache.reset)
     with torch.no_grad():
-        first = steered.step(prompt, cache=captured_cache).logits  # prefill, not captured
-        steered.step(prompt, cache=live_cache)
+        first = steered.step(prompt, past_key_values=captured_cache).logits  # prefill, not captured
+        steered.step(prompt, past_key_values=live_cache)
     tokens = torch.cat([prompt, first[:, -1:].argmax(-1)], dim=1)
     graphs = counters["stats"]["unique_graphs"]
     for i in range(STEPS):
@@ -65,7 +65,7 @@ def test_captured_decode_step_follows_in_place_steering_changes(setup) -> None:
         step_ids.copy_(tokens[:, -1:])
         graph.replay()
         with torch.no_grad():
-            live = steered.step(step_ids, cache=live_cache).logits[:, -1]
+            live = steered.step(step_ids, past_key_values=live_cache).logits[:, -1]
         assert_rel_close(out.logits[:, -1], live, 1e-5)
         expected = reference_logits(model, tokens[:1], saes=saes, steering=STEERINGS[0], prompt_len=PROMPT)[:, -1]
         assert_rel_close(out.logits[:1, -1], expected, 1e-4)
@@ -96,13 +96,13 @@ def test_no_host_sync_in_the_steered_forward(setup) -> None:
     steered.slots.admit("s", STEERINGS[1], 2)
     steered.slots.assign(["s", None])
     with torch.no_grad():
-        steered.step(ids, cache=cache)
-        steered.step(ids[:, :1], cache=cache)  # compile both shapes first
+        steered.step(ids, past_key_values=cache)
+        steered.step(ids[:, :1], past_key_values=cache)  # compile both shapes first
         cache.reset()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            steered.step(ids, cache=cache)
-            steered.step(ids[:, :1], cache=cache)
+            steered.step(ids, past_key_values=cache)
+            steered.step(ids[:, :1], past_key_values=cache)
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -17,7 +17,10 @@ SITE = "blocks.0.hook_resid_post"
 D = 16
 
 
-def make_site(sae, handle: str, capacity: Capacity = Capacity(max_rows=4, max_clamps=4)) -> SiteState:
+CAPACITY = Capacity(max_rows=4, max_clamps=4)
+
+
+def make_site(sae, handle: str, capacity: Capacity = CAPACITY) -> SiteState:
     state = SiteState(SITE, D, sae, capacity, RoutingState(capacity, torch.float32, torch.device("cpu")), torch.float32,
                       torch.device("cpu"))
     register_site(handle, state)
