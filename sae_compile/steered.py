@@ -112,7 +112,7 @@ def _attach(
     attached: dict[Site, SAE | None] = {}
     for name, sae in [*saes, *((name, None) for name in additive)]:
         site = resolve_site(layout, available, name)
-        if site in attached and (sae is not None or attached[site] is not None):
+        if sae is not None and attached.get(site) is not None:
             raise ValueError(f"steer(): site {site.name} is given twice ({name!r}); attach one SAE per site.")
         attached[site] = sae if sae is not None else attached.get(site)
     return attached

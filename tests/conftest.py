@@ -6,7 +6,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    # Before anything imports triton (torch._dynamo does): Triton picks its interpreter at
+    # import, and the kernel tests run under it on CPU-only machines.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # "default": the default tier's budget (>= 50 examples per property); "ci": a larger sweep.
 settings.register_profile(

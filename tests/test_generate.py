@@ -98,3 +98,14 @@ def test_generate_leaves_model_untouched(setup) -> None:
     generate(steered, model, input_ids=ids, attention_mask=mask, steering=STEERINGS["all"])
     assert "forward" not in vars(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_static_cache_generation_with_an_additive_site_on_an_sae_site() -> None:
+    model = make_model("llama", seed=5)
+    d = hidden_size(model)
+    saes = {POST: random_sae(d, 48, "jumprelu", seed=2)}
+    steered = sc.steer(model, saes, sites=["model.layers.1"], backend="aot_eager")  # same site, by alias
+    steering = sc.Steering(sc.Clamp(POST, 4, 6.0), sc.AddVector("model.layers.1", torch.ones(d)))
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = generate(steered, model, input_ids=ids, steering=steering, cache_implementation="static")
+    assert torch.equal(got, reference(model, saes, input_ids=ids, steering=steering))

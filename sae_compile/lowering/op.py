@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.state import lookup_site
-from .kernels.torch_path import steer_site
+from .kernels.steer import steer_site
 
 _LIBRARY = torch.library.Library("sae_compile", "FRAGMENT")
 # The low-level Library API rather than torch.library.custom_op: the same contract, a

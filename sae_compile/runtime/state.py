@@ -108,8 +108,10 @@ class RoutingState:
         scope = self.row_scope[rows][:, None]  # [B, 1]
         in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
         mask = (scope == SCOPE_ALL) | ((scope == SCOPE_PROMPT) & in_prompt) | ((scope == SCOPE_GENERATED) & ~in_prompt)
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, -seq:] != 0)  # padding is never steered
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Padding is never steered. (A 4-D mask, as static-cache generation passes, has no
+            # per-token padding column to read; a pad token's own output is unused anyway.)
+            mask = mask & (attention_mask[:, -seq:] != 0)
         _, token_mask, token_weight = self.view(batch, seq)
         token_mask.copy_(mask)
         token_weight.copy_(mask)

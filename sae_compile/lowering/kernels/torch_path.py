@@ -1,16 +1,4 @@
-"""Plain-torch implementation of one site's steering (DESIGN §4).
-
-Per token ``x`` of a steered row ``r``, in this order:
-
-1. additive:  ``x <- x + add_vec[r]``
-2. SAE edits with clamped features ``i`` becoming ``mul_i * f_i + shift_i``:
-   - delta rows:        ``x <- x + sum_i (f'_i - f_i) W_dec[i]``   (error term kept)
-   - reconstruct rows:  ``x <- f' @ W_dec + b_dec``                (error term dropped)
-
-Delta rows of an elementwise SAE (ReLU/JumpReLU) only need the clamped features, so they
-cost O(K·D) per token (the *sparse* path). Reconstruct rows and TopK SAEs need every
-feature (the *full* path). Tokens that are not steered are returned bit-for-bit.
-"""
+"""Plain-torch implementation of each steering path (DESIGN §4); runs on every device."""
 
 from __future__ import annotations
 
@@ -20,23 +8,12 @@ import torch.nn.functional as F
 from ...runtime.state import SiteState
 
 
-def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new tensor."""
-    batch, seq, _ = x.shape
-    rows, mask, weight = site.routing.view(batch, seq)  # [B], [B, S] bool, [B, S] 0/1
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    # A captured graph must contain every path a later replay may need.
-    out = x
-    if site.any_add or capturing:
-        out = torch.addcmul(out, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
-    if site.any_sparse or (capturing and site.elementwise):
-        out = _sparse_delta(out, rows, weight, site)
-    if site.any_full or (capturing and site.d_sae > 0):
-        out = _full_path(out, rows, mask & site.full_row[rows][:, None], site)
-    return x.clone() if out is x else out
+def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """``x + add_vec[row]`` on steered tokens (``weight`` 1), ``x`` exactly elsewhere (``weight`` 0)."""
+    return torch.addcmul(x, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
 
 
-def _sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
+def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
     """``x + sum_c coef_c * dec_c`` over each row's (pre-gathered) clamped features.
 
     Unused slots and other rows' tables are zero, and ``weight`` zeroes unsteered tokens,
@@ -49,7 +26,7 @@ def _sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, sit
     return torch.baddbmm(x, coef.to(x.dtype), site.sparse_dec[rows])  # [B, S, D]
 
 
-def _full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
+def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
     batch, seq, d = x.shape
     flat = x.reshape(batch * seq, d)  # [N, D]
     token_rows = rows.repeat_interleave(seq)  # [N]

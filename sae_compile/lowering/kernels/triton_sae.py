@@ -39,8 +39,10 @@ _BLOCK_N = 64
 _BLOCK_K = 32
 # Width of the per-token loops over the hidden size.
 _BLOCK_D = 128
-# Sizes that bound loops (D, F, C) are compile-time constants: fixed per site, so one compile
-# each, and loop bounds the compiler can see. The sequence length varies per call and is not.
+
+# The sizes that bound loops (D, F, C) are compile-time constants: they are fixed per site, so
+# that costs one compile per site, and the interpreter (Triton 3.6 with NumPy 2) cannot loop to
+# a runtime bound. The sequence length varies per call and stays a runtime argument.
 
 
 if TRITON_AVAILABLE:
@@ -56,8 +58,12 @@ if TRITON_AVAILABLE:
         token = tl.program_id(0).to(tl.int64)
         row = tl.load(rows_ptr + token // seq)  # the steering row of this token's batch row
         steered = tl.load(mask_ptr + token) != 0
+        # How many clamp slots / hidden dims this token reads: 0 when unsteered. (Masks are then
+        # plain comparisons: some interpreter versions mis-broadcast a scalar bool in `&`.)
+        live_c = tl.where(steered, C, 0)
+        live_d = tl.where(steered, d_model, 0)
         offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        c_on = (offs_c < C) & steered  # [BLOCK_C]; all off for unsteered tokens
+        c_on = offs_c < live_c  # [BLOCK_C]
         enc_rows = enc_ptr + row * C * d_model  # sparse_enc[row] [C, D]
         dec_rows = dec_ptr + row * C * d_model  # sparse_dec[row] [C, D]
         x_row = x_ptr + token * d_model
@@ -67,7 +73,7 @@ if TRITON_AVAILABLE:
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
         for d0 in range(0, d_model, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-            d_on = (offs_d < d_model) & steered
+            d_on = offs_d < live_d
             xs = tl.load(x_row + offs_d, mask=d_on, other=0.0).to(tl.float32)  # [BLOCK_D]
             if WITH_ADD:
                 # The encoder sees x + v rounded to the model dtype, as in the torch path.
@@ -92,7 +98,7 @@ if TRITON_AVAILABLE:
             x_raw = tl.load(x_row + offs_d, mask=d_on, other=0.0)  # [BLOCK_D] model dtype
             base = x_raw.to(tl.float32)  # [BLOCK_D]
             if WITH_ADD:
-                base = base + tl.load(add_row + offs_d, mask=d_on & steered, other=0.0).to(tl.float32)
+                base = base + tl.load(add_row + offs_d, mask=offs_d < live_d, other=0.0).to(tl.float32)
                 base = base.to(dtype).to(tl.float32)
             w = tl.load(dec_rows + offs_c[:, None] * d_model + offs_d[None, :],
                         mask=c_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
@@ -130,7 +136,7 @@ if TRITON_AVAILABLE:
             b = tl.load(w_enc_ptr + offs_n[None, :] * d_model + offs_k[:, None],
                         mask=k_on[:, None] & n_on[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             if DOT_F32:
-                # The interpreter keeps bf16 as raw bits and cannot multiply them.
+                # CPU tensors mean the interpreter, which keeps bf16 as raw bits and cannot multiply them.
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -168,7 +174,7 @@ if TRITON_AVAILABLE:
                         mask=m_on[:, None] & k_on[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             b = tl.load(w_dec_ptr + offs_k[:, None] * d_model + offs_n[None, :],
                         mask=k_on[:, None] & n_on[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            if DOT_F32:
+            if DOT_F32:  # interpreter only, as in _encode_kernel
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -188,8 +194,10 @@ if TRITON_AVAILABLE:
         recon = slot < tl.load(bounds_ptr)  # Reconstruct tokens come first ...
         steered = slot < tl.load(bounds_ptr + 1)  # ... then the delta-only ones
         row = tl.load(rows_ptr + token // seq)
+        live_c = tl.where(steered, C, 0)  # as in _sparse_delta_kernel
+        live_dec = tl.where(recon, d_model, 0)  # only Reconstruct tokens read the dense decode
         offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        c_on = (offs_c < C) & steered
+        c_on = offs_c < live_c  # [BLOCK_C]
         feat = tl.load(clamp_idx_ptr + row * C + offs_c, mask=c_on, other=0)  # [BLOCK_C] int64
         f = tl.load(f_ptr + slot * d_sae + feat, mask=c_on, other=0.0).to(tl.float32)  # [BLOCK_C]
         mul = tl.load(clamp_mul_ptr + row * C + offs_c, mask=c_on, other=1.0)  # [BLOCK_C]
@@ -203,8 +211,8 @@ if TRITON_AVAILABLE:
             offs_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
             d_on = offs_d < d_model
             x_raw = tl.load(x_row + offs_d, mask=d_on, other=0.0)  # [BLOCK_D] model dtype
-            dec = tl.load(dec_row + offs_d, mask=d_on & recon, other=0.0)  # [BLOCK_D] f @ W_dec
-            b_dec = tl.load(b_dec_ptr + offs_d, mask=d_on & recon, other=0.0).to(tl.float32)  # [BLOCK_D]
+            dec = tl.load(dec_row + offs_d, mask=offs_d < live_dec, other=0.0)  # [BLOCK_D] f @ W_dec
+            b_dec = tl.load(b_dec_ptr + offs_d, mask=offs_d < live_dec, other=0.0).to(tl.float32)  # [BLOCK_D]
             w = tl.load(w_dec_ptr + feat[:, None] * d_model + offs_d[None, :],
                         mask=c_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
             delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_D] (f' - f) @ W_dec

@@ -1,0 +1,214 @@
+"""The ``sae-compile`` command line, driven as a user drives it: one subprocess per command.
+
+Every command runs as ``python -m sae_compile.cli`` with the repository root on PYTHONPATH,
+so the tests need no install. The checkpoints are the demo's own model, tokenizer and SAE
+(feature i promotes the word ``CONCEPTS[i]``), written once per module, so a steered
+generation has a known word to look for.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sae_compile as sc
+from sae_compile import demo
+from sae_compile.checkpoints import save_sae
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = demo.SITE
+PROMPT = demo.PROMPT
+BRIDGE, GOLDEN, _ = demo.CONCEPTS  # promoted by features 0 and 1
+TIMEOUT_S = 240
+
+
+def start(*args: str | Path) -> subprocess.Popen[str]:
+    """Start ``sae-compile ARGS...`` from the source tree, capturing its output."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        # Several commands run at once (see ``slow_runs``); one thread each avoids oversubscription.
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "sae_compile.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """Wait for a started command and return its exit status and output."""
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``sae-compile ARGS...`` to completion."""
+    return finish(start(*args))
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit status 2, no traceback, and one stderr line that names the problem."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def new_words(stdout: str) -> list[str]:
+    """The generated words: ``generate`` prints the prompt followed by the continuation."""
+    text = stdout.strip()
+    assert text.startswith(PROMPT), text
+    return text[len(PROMPT):].split()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``model/`` (HF model + tokenizer), ``sae/`` (placed at SITE by its
+    hook_name), ``sae_unplaced/`` (no hook_name) and ``golden.npy`` (feature 1's direction)."""
+    root = tmp_path_factory.mktemp("cli")
+    parts = demo.build_demo()
+    parts.model.save_pretrained(root / "model")
+    parts.tokenizer.save_pretrained(root / "model")
+    sae = parts.sae
+    save_sae(sae, root / "sae")
+    unplaced = sc.SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation=sae.activation)
+    save_sae(unplaced, root / "sae_unplaced")
+    np.save(root / "golden.npy", sae.W_dec[1].numpy())
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_runs(ckpt: Path) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """The commands that load a model and compile, all started when the module starts.
+
+    Each spends most of its time importing and tracing on one core, so running them side by
+    side (while the quick tests run) keeps the module well under a minute. A test reads its
+    command's result with ``finish(slow_runs[name])``; unread ones are stopped at the end.
+    """
+    model, sae, unplaced = ckpt / "model", ckpt / "sae", ckpt / "sae_unplaced"
+    runs = {
+        "demo": start("demo", "--backend", "aot_eager"),
+        "sites": start("sites", model),
+        # The SAE has no hook_name, so it goes to the --clamp site.
+        "clamp": start("generate", "--model", model, "--sae", unplaced, "--clamp", f"{SITE}:0=100",
+                       "--tokens", "generated", "--prompt", PROMPT, "--max-new-tokens", "2", "--backend", "aot_eager"),
+        "vector": start("generate", "--model", model, "--sae", sae, "--add-vector", f"{SITE}:{ckpt / 'golden.npy'}:100",
+                        "--reconstruct", SITE, "--prompt", PROMPT, "--max-new-tokens", "2", "--backend", "aot_eager"),
+        "unknown_site": start("generate", "--model", model, "--sae", unplaced, "--prompt", PROMPT,
+                              "--clamp", "blocks.7.hook_resid_post:0=1", "--backend", "aot_eager"),
+    }
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+# ------------------------------------------- bad input (quick: these run while the slow commands work)
+
+
+@pytest.mark.parametrize(
+    ("clamp", "fragment"),
+    [
+        (f"{SITE}:0", "SITE:FEATURE=VALUE[:MODE]"),  # no '=VALUE'
+        (f"{SITE}:zero=1", "integer FEATURE"),
+        (f"{SITE}:0=1:double", "mode"),  # not set / add / scale
+    ],
+)
+def test_bad_clamp_is_one_line(clamp: str, fragment: str) -> None:
+    result = cli("generate", "--model", "unused", "--prompt", "x", "--clamp", clamp)
+    assert_user_error(result, "--clamp", fragment)
+
+
+def test_clamp_without_sae_is_one_line(ckpt: Path) -> None:
+    result = cli("generate", "--model", ckpt / "model", "--prompt", PROMPT, "--clamp", f"{SITE}:0=1")
+    assert_user_error(result, "--sae")
+
+
+def test_unknown_site_is_one_line(slow_runs: dict[str, subprocess.Popen[str]]) -> None:
+    result = finish(slow_runs["unknown_site"])
+    assert_user_error(result, "blocks.7.hook_resid_post", "Available sites", SITE)
+
+
+@pytest.mark.parametrize("missing", ["model", "sae", "vector"])
+def test_missing_file_is_one_line(ckpt: Path, tmp_path: Path, missing: str) -> None:
+    absent = tmp_path / "absent"
+    paths = {"model": ckpt / "model", "sae": ckpt / "sae", "vector": ckpt / "golden.npy", missing: absent}
+    result = cli("generate", "--model", paths["model"], "--sae", paths["sae"],
+                 "--add-vector", f"{SITE}:{paths['vector']}", "--prompt", PROMPT)
+    assert_user_error(result, str(absent))
+
+
+def test_sites_of_a_missing_model_is_one_line(tmp_path: Path) -> None:
+    assert_user_error(cli("sites", tmp_path / "absent"), str(tmp_path / "absent"), "config.json")
+
+
+def test_bench_without_the_script_is_one_line(tmp_path: Path) -> None:
+    result = cli("bench", "--script", tmp_path / "bench_overhead.py")
+    assert_user_error(result, "bench_overhead.py", "not found")
+
+
+def test_vector_of_the_wrong_kind_is_one_line(ckpt: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "vector.pt"
+    torch.save({"not": torch.zeros(3)}, weights)
+    result = cli("generate", "--model", ckpt / "model", "--add-vector", f"{SITE}:{weights}", "--prompt", PROMPT)
+    assert_user_error(result, "vector.pt", "not a tensor")
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def test_demo_steers_the_concept_word_in_without_recompiling(slow_runs: dict[str, subprocess.Popen[str]]) -> None:
+    result = finish(slow_runs["demo"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    unsteered = next(line for line in lines if line.startswith("unsteered"))
+    steered = next(line for line in lines if line.startswith("clamp f0"))
+    assert not set(unsteered.split()) & set(demo.CONCEPTS), unsteered
+    assert BRIDGE in steered.split(), steered
+    assert "recompiles after changing feature, value, mode and token scope: 0" in lines
+    assert any(line.startswith("latency per generated token") for line in lines)
+
+
+def test_sites_lists_every_hook_with_its_shape(slow_runs: dict[str, subprocess.Popen[str]]) -> None:
+    result = finish(slow_runs["sites"])
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 1) for line in result.stdout.splitlines()[1:]]
+    hooks = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
+    assert [site for site, _ in rows] == [f"blocks.{layer}.hook_{hook}" for layer in range(2) for hook in hooks]
+    assert {shape for _, shape in rows} == {"[1, 2, 64]"}
+
+
+def test_generate_clamps_generated_tokens_only(slow_runs: dict[str, subprocess.Popen[str]]) -> None:
+    """tokens=generated: the first new word is predicted at the last prompt position, so it
+    is unsteered; the next is the clamped feature's word."""
+    result = finish(slow_runs["clamp"])
+    assert result.returncode == 0, result.stderr
+    words = new_words(result.stdout)
+    assert len(words) == 2 and words[0] != BRIDGE and words[1] == BRIDGE, words
+
+
+def test_generate_adds_a_vector_and_reconstructs_at_the_sae_site(slow_runs: dict[str, subprocess.Popen[str]]) -> None:
+    """Add 100x feature 1's direction, then replace the site by its SAE reconstruction: the
+    reconstruction keeps feature 1 (now strongly active), so the model says its word."""
+    result = finish(slow_runs["vector"])
+    assert result.returncode == 0, result.stderr
+    assert new_words(result.stdout) == [GOLDEN, GOLDEN]
+
+
+def test_bench_runs_the_script_and_passes_its_arguments(tmp_path: Path) -> None:
+    script = tmp_path / "bench.py"
+    script.write_text("import sys\nprint('| case | ms |')\nprint('| args |', ' '.join(sys.argv[1:]), '|')\n")
+    result = cli("bench", "--script", script, "--", "--repeats", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["| case | ms |", "| args | --repeats 3 |"]

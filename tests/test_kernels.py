@@ -1,0 +1,317 @@
+"""The Triton kernels compute what the torch path computes (DESIGN §4), within the §5 contract.
+
+``sparse_delta`` must equal the additive step plus ``torch_path.sparse_delta``, and
+``full_path`` must equal ``torch_path.full_path``, for every activation, with and without
+Reconstruct rows, under random clamps and random token masks; unsteered tokens come back
+bit for bit. On a CPU machine the kernels run in Triton's interpreter at tiny shapes; the
+``cuda`` tests run them compiled at model-like shapes and inside a captured CUDA graph.
+
+Most SAEs here are *exact*: inputs, additive vectors and encoder weights are small multiples
+of 1/4, so every pre-activation is exact in bf16 and in any summation order. Both paths then
+fire the same JumpReLU features and pick the same TopK features, whatever the dtype and the
+accumulation order, and only the decode rounds differently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton picks the interpreter when it is first imported, so this must come before that.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; set it in the environment "
+                    "(or in conftest.py) to run the Triton kernels on the CPU", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from sae_compile import SAE, AddVector, Clamp, Reconstruct, Steering  # noqa: E402
+from sae_compile.lowering.kernels import triton_sae  # noqa: E402
+from sae_compile.lowering.kernels.torch_path import full_path, sparse_delta  # noqa: E402
+from sae_compile.runtime.slots import SlotManager  # noqa: E402
+from sae_compile.runtime.state import Capacity, RoutingState, SiteState  # noqa: E402
+from tests.factories import assert_rel_close, random_sae  # noqa: E402
+
+SITE = "blocks.0.hook_resid_post"
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def exact_sae(d_in: int, d_sae: int, activation: str, *, seed: int) -> SAE:
+    """An SAE whose pre-activations are exact in bf16 for inputs in {-2, ..., 2}.
+
+    Encoder weights are in {-1/4, 0, 1/4} (about 64 non-zero per feature, so pre-activations
+    stay below 64 in magnitude) and biases are quarters; JumpReLU thresholds sit half-way between
+    quarters, so no pre-activation ever equals one. Decoder weights are ordinary Gaussians.
+    """
+    g = torch.Generator().manual_seed(seed)
+    density = min(1.0, 64 / d_in)
+    nonzero = torch.rand(d_in, d_sae, generator=g) < density  # [D, F]
+    W_enc = torch.randint(-1, 2, (d_in, d_sae), generator=g) * nonzero / 4  # [D, F]
+    b_enc = torch.randint(-2, 3, (d_sae,), generator=g) / 4  # [F]
+    W_dec = torch.randn(d_sae, d_in, generator=g) / d_in**0.5  # [F, D]
+    b_dec = 0.1 * torch.randn(d_in, generator=g)  # [D]
+    threshold = (torch.randint(0, 4, (d_sae,), generator=g) + 0.5) / 4 if activation == "jumprelu" else None
+    k = max(1, min(64, d_sae // 8)) if activation == "topk" else None
+    return SAE(W_enc, W_dec, b_enc, b_dec, activation=activation, threshold=threshold, k=k)
+
+
+def random_steering(
+    g: torch.Generator, d_in: int, d_sae: int, clamps: int, *, reconstruct: bool, scope: str | None = None
+) -> Steering:
+    """Up to ``clamps`` clamps on distinct random features in random modes, maybe an additive
+    vector (in {-1, 0, 1}: exact after the add), maybe Reconstruct, over ``scope`` (default random)."""
+    n = int(torch.randint(1, clamps + 1, (), generator=g))
+    features = torch.randperm(d_sae, generator=g)[:n].tolist()
+    modes = ("set", "add", "scale")
+    edits = [Clamp(SITE, f, float(3 * torch.randn((), generator=g)), modes[int(torch.randint(3, (), generator=g))])
+             for f in features]
+    if torch.rand((), generator=g) < 0.5:
+        edits.append(AddVector(SITE, torch.randint(-1, 2, (d_in,), generator=g).float()))
+    if reconstruct:
+        edits.append(Reconstruct(SITE))
+    if scope is None:
+        scope = ("all", "prompt", "generated")[int(torch.randint(3, (), generator=g))]
+    return Steering(*edits, tokens=scope)
+
+
+def build(
+    sae: SAE, dtype: torch.dtype, *, batch: int, seq: int, clamps: int, reconstruct: bool, seed: int,
+    device: str = "cpu",
+) -> tuple[SiteState, SlotManager, torch.Generator]:
+    """A site where batch row 0 has clamps (and Reconstruct if ``reconstruct``) on all its tokens,
+    row 1 is unsteered, and later rows have clamps over random scopes. Token masks are random
+    beyond that: per-row prompt lengths, and random padding."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = Capacity(max_rows=4, max_clamps=clamps, max_batch=8, max_tokens=max(1024, batch * seq))
+    state = SiteState(SITE, sae.d_in, sae, capacity, RoutingState(capacity, dtype, torch.device(device)), dtype,
+                      torch.device(device))
+    slots = SlotManager({SITE: state}, state.routing, lambda name: name)
+    per_row = [random_steering(g, sae.d_in, sae.d_sae, clamps, reconstruct=reconstruct, scope="all")]
+    per_row += [None if b == 1 else random_steering(g, sae.d_in, sae.d_sae, clamps, reconstruct=False)
+                for b in range(1, batch)]
+    prompt_lens = torch.randint(0, seq + 1, (batch,), generator=g).tolist()
+    slots.replace((), {b: (s, p) for b, (s, p) in enumerate(zip(per_row, prompt_lens, strict=True))})
+    slots.assign(list(range(batch)))
+    attention_mask = (torch.rand(batch, seq, generator=g) > 0.2).long()  # [B, S]
+    state.routing.route(torch.arange(seq, device=device), attention_mask.to(device), batch, seq)
+    return state, slots, g
+
+
+def exact_input(g: torch.Generator, batch: int, seq: int, d_in: int, dtype: torch.dtype, device: str = "cpu"):
+    return torch.randint(-1, 2, (batch, seq, d_in), generator=g).to(device=device, dtype=dtype)  # [B, S, D]
+
+
+def torch_add_then_sparse(x: torch.Tensor, state: SiteState) -> torch.Tensor:
+    """The torch path's first two steps: additive, then the sparse delta (as ``steer_site``)."""
+    batch, seq, _ = x.shape
+    rows, _, weight = state.routing.view(batch, seq)
+    added = torch.addcmul(x, weight[..., None], state.add_vec[rows][:, None, :])  # [B, S, D]
+    return sparse_delta(added, rows, weight, state)
+
+
+def full_mask(state: SiteState, batch: int, seq: int) -> torch.Tensor:
+    rows, mask, _ = state.routing.view(batch, seq)
+    return mask & state.full_row[rows][:, None]  # [B, S] as steer_site passes it
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, steered: torch.Tensor) -> None:
+    """Close to the torch path, with every unsteered token returned bit for bit."""
+    assert actual.dtype == x.dtype and actual.shape == x.shape
+    assert actual.data_ptr() != x.data_ptr()
+    assert torch.equal(actual[~steered], x[~steered])
+    assert_rel_close(actual.float(), expected.float(), TOLERANCE[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+@pytest.mark.parametrize("with_add", [False, True], ids=["delta", "add+delta"])
+def test_sparse_delta_matches_torch_path(activation: str, dtype: torch.dtype, with_add: bool) -> None:
+    batch, seq, d_in = 3, 5, 40
+    state, _, g = build(exact_sae(d_in, 72, activation, seed=1), dtype, batch=batch, seq=seq, clamps=5,
+                        reconstruct=False, seed=2)
+    rows, mask, weight = state.routing.view(batch, seq)
+    assert mask.any() and state.any_sparse
+    x = exact_input(g, batch, seq, d_in, dtype)
+    if with_add:
+        expected = torch_add_then_sparse(x, state)
+    else:
+        expected = sparse_delta(x, rows, weight, state)
+    actual = triton_sae.sparse_delta(x, rows, mask, state, with_add=with_add)
+    assert_matches(actual, expected, x, mask)
+    assert not torch.equal(actual, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("reconstruct", [False, True], ids=["delta", "reconstruct"])
+def test_full_path_matches_torch_path(activation: str, dtype: torch.dtype, reconstruct: bool) -> None:
+    """Elementwise SAEs send only Reconstruct rows here (their delta-only case steers nothing)."""
+    batch, seq, d_in = 3, 5, 40
+    state, _, g = build(exact_sae(d_in, 72, activation, seed=3), dtype, batch=batch, seq=seq, clamps=5,
+                        reconstruct=reconstruct, seed=4)
+    rows, _, _ = state.routing.view(batch, seq)
+    mask = full_mask(state, batch, seq)
+    assert mask.any() == (reconstruct or activation == "topk")
+    x = exact_input(g, batch, seq, d_in, dtype)
+    actual = triton_sae.full_path(x, rows, mask, state)
+    assert_matches(actual, full_path(x, rows, mask, state), x, mask)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_kernels_compose_like_the_torch_path(activation: str) -> None:
+    """A trained-like fp32 SAE (Gaussian weights, b_dec subtracted from the input), every row kind
+    at once: add + sparse delta, then the full path, as ``steer_site`` orders them."""
+    batch, seq, d_in = 4, 6, 24
+    sae = random_sae(d_in, 48, activation, seed=5, apply_b_dec_to_input=True)
+    state, _, g = build(sae, torch.float32, batch=batch, seq=seq, clamps=6, reconstruct=True, seed=6)
+    rows, mask, _ = state.routing.view(batch, seq)
+    x = torch.randn(batch, seq, d_in, generator=g)  # [B, S, D]
+    expected = full_path(torch_add_then_sparse(x, state), rows, full_mask(state, batch, seq), state)
+    actual = triton_sae.full_path(triton_sae.sparse_delta(x, rows, mask, state, with_add=True), rows,
+                                  full_mask(state, batch, seq), state)
+    assert_matches(actual, expected, x, mask)
+
+
+def test_nothing_steered_returns_a_copy() -> None:
+    batch, seq, d_in = 2, 3, 16
+    state, _, g = build(exact_sae(d_in, 32, "topk", seed=7), torch.float32, batch=batch, seq=seq, clamps=2,
+                        reconstruct=True, seed=8)
+    rows, mask, _ = state.routing.view(batch, seq)
+    none = torch.zeros_like(mask)  # [B, S]
+    x = torch.randn(batch, seq, d_in, generator=g)  # [B, S, D]
+    for out in (triton_sae.sparse_delta(x, rows, none, state, with_add=True), triton_sae.full_path(x, rows, none, state)):
+        assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+def test_partition_is_a_stable_permutation_with_device_counts() -> None:
+    steered = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)  # [N]
+    recon = torch.tensor([0, 0, 1, 0, 0, 1, 0], dtype=torch.bool)  # [N]
+    slot, ends = triton_sae._partition(steered, recon)
+    assert ends.tolist() == [2, 5, 7]
+    # Reconstruct tokens first, then the other steered, then the rest, each in token order.
+    assert torch.argsort(slot).tolist() == [2, 5, 0, 3, 6, 1, 4]
+
+
+def test_module_imports_without_triton() -> None:
+    """The CPU path never needs triton: with it unimportable, the module still imports."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from sae_compile.lowering.kernels import triton_sae\n"
+        "assert triton_sae.TRITON_AVAILABLE is False\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# --- on the GPU: model-like shapes, and capture in a CUDA graph -------------------------------
+
+GPU_SHAPE = dict(batch=4, seq=64, d_in=2048, d_sae=16384, clamps=16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_kernels_match_torch_path_on_gpu(activation: str, dtype: torch.dtype) -> None:
+    batch, seq, d_in, d_sae, clamps = GPU_SHAPE.values()
+    state, _, g = build(exact_sae(d_in, d_sae, activation, seed=11), dtype, batch=batch, seq=seq, clamps=clamps,
+                        reconstruct=True, seed=12, device="cuda")
+    rows, mask, weight = state.routing.view(batch, seq)
+    x = exact_input(g, batch, seq, d_in, dtype, "cuda")
+    if state.elementwise:
+        actual = triton_sae.sparse_delta(x, rows, mask, state, with_add=True)
+        assert_matches(actual, torch_add_then_sparse(x, state), x, mask)
+    steered = full_mask(state, batch, seq)
+    assert steered.any()
+    actual = triton_sae.full_path(x, rows, steered, state)
+    assert_matches(actual, full_path(x, rows, steered, state), x, steered)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_captured_graph_follows_in_place_routing(activation: str) -> None:
+    """Capture add + sparse delta + full path once; replays follow new rows, masks and inputs
+    written in place, and match the torch path each time."""
+    batch, seq, d_in, d_sae, clamps = 4, 16, 256, 1024, 8
+    dtype = torch.bfloat16
+    state, slots, g = build(exact_sae(d_in, d_sae, activation, seed=13), dtype, batch=batch, seq=seq,
+                            clamps=clamps, reconstruct=True, seed=14, device="cuda")
+    rows, mask, _ = state.routing.view(batch, seq)  # fixed addresses, rewritten in place below
+    x = exact_input(g, batch, seq, d_in, dtype, "cuda")  # [B, S, D], rewritten in place below
+
+    def step() -> torch.Tensor:
+        out = triton_sae.sparse_delta(x, rows, mask, state, with_add=True)  # [B, S, D]
+        return triton_sae.full_path(out, rows, mask & state.full_row[rows][:, None], state)  # [B, S, D]
+
+    def expected() -> torch.Tensor:
+        return full_path(torch_add_then_sparse(x, state), rows, full_mask(state, batch, seq), state)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile every kernel before capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    positions = torch.arange(seq, device="cuda")  # [S]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 0, 1], [1, 1, 1, 1]):
+        slots.assign(order, torch.randint(0, seq + 1, (batch,), generator=g).tolist())
+        padding = (torch.rand(batch, seq, generator=g) > 0.2).long().cuda()  # [B, S]
+        state.routing.route(positions, padding, batch, seq)
+        x.copy_(exact_input(g, batch, seq, d_in, dtype, "cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(out, expected(), x, mask)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu() -> None:
+    """Compile every kernel to a Hopper cubin in a fresh process (no interpreter, no GPU needed),
+    so a CPU-only CI catches what only the compiler rejects (tl.dot shapes, dtypes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == ["ok"] * 16, result.stdout
+
+
+_COMPILE_ALL = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from sae_compile.lowering.kernels import triton_sae as ts
+
+def build(fn, pointers, scalars, constexprs):
+    signature = {**pointers, **{name: "i32" for name in scalars}, **{name: "constexpr" for name in constexprs}}
+    compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    print("ok")
+
+for dt in ("fp32", "bf16"):
+    precision = "ieee" if dt == "fp32" else "tf32"
+    for with_add in (False, True):
+        build(ts._sparse_delta_kernel,
+              dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", rows_ptr="*i64", mask_ptr="*u8", add_vec_ptr=f"*{dt}",
+                   enc_ptr=f"*{dt}", dec_ptr=f"*{dt}", params_ptr="*fp32"),
+              ["seq"], dict(d_model=2048, C=16, BLOCK_C=16, BLOCK_D=128, WITH_ADD=with_add))
+    for topk in (False, True):
+        for block_m in (16, 64):
+            build(ts._encode_kernel,
+                  dict(x_ptr=f"*{dt}", token_ptr="*i64", bounds_ptr="*i64", w_enc_ptr=f"*{dt}", b_enc_ptr=f"*{dt}",
+                       threshold_ptr=f"*{dt}", f_ptr=f"*{dt}"),
+                  [], dict(d_model=2048, d_sae=16384, TOPK=topk, DOT_F32=False, PRECISION=precision,
+                           BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32))
+    build(ts._decode_kernel,
+          dict(f_ptr=f"*{dt}", bounds_ptr="*i64", w_dec_ptr=f"*{dt}", dec_ptr="*fp32"),
+          [], dict(d_model=2048, d_sae=16384, DOT_F32=False, PRECISION=precision, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
+    build(ts._full_output_kernel,
+          dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", rows_ptr="*i64", slot_ptr="*i64", bounds_ptr="*i64", f_ptr=f"*{dt}",
+               dec_ptr="*fp32", w_dec_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", clamp_idx_ptr="*i64", clamp_mul_ptr="*fp32",
+               clamp_shift_ptr="*fp32"),
+          ["seq"], dict(d_model=2048, d_sae=16384, C=5, BLOCK_C=8, BLOCK_D=128))
+"""
