@@ -239,3 +239,24 @@ def test_keys_are_stable_across_processes() -> None:
                           env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [steering_key(s) for s in STEERINGS]
+
+
+def test_update_and_release_reroute_assigned_batch_rows(setup) -> None:
+    model, saes, steered = setup
+    x = torch.randint(3, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(4))
+    first, second = sc.Steering(sc.Clamp(POST, 2, 4.0)), sc.Steering(sc.Clamp(MID, 5, 3.0))
+    steered.slots.admit("p", first, 0)
+    steered.slots.admit("q", first, 0)
+    steered.slots.assign(["p", "q", None, "p"])
+    steered.slots.update("p", second)  # p moves to a new row; q keeps the old one
+    with torch.no_grad():
+        got = steered.step(x).logits
+    expected = reference_logits(model, x, saes=saes, steering=[second, first, None, second], prompt_len=0)
+    assert_rel_close(got, expected, 1e-5)
+    steered.slots.release("q")
+    steered.slots.admit("r", sc.Steering(sc.Clamp(POST, 9, -2.0)), 0)  # may reuse q's row
+    with torch.no_grad():
+        got = steered.step(x).logits
+    assert_rel_close(got, reference_logits(model, x, saes=saes, steering=[second, None, None, second], prompt_len=0), 1e-5)
+    for rid in ("p", "r"):
+        steered.slots.release(rid)

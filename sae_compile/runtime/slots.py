@@ -50,6 +50,7 @@ class SlotManager:
         self._row_of_key: dict[str, int] = {}
         self._refs: dict[int, int] = {}
         self._free = list(range(routing.capacity.max_rows, NO_STEERING_ROW, -1))
+        self._batch: tuple[list[Hashable | None], list[int]] = ([], [])
 
     @property
     def requests(self) -> dict[Hashable, Request]:
@@ -79,12 +80,18 @@ class SlotManager:
         staged = self._stage(steering)
         self._check_capacity([staged], released=(request_id,))
         self._drop(request_id)
-        return self._take(request_id, staged, prompt_len)
+        row = self._take(request_id, staged, prompt_len)
+        self._reroute(request_id)
+        return row
 
     def release(self, request_id: Hashable) -> None:
-        """Free a request's row (when no other request shares it). Releasing twice is a no-op."""
+        """Free a request's row (when no other request shares it). Releasing twice is a no-op.
+
+        Batch rows still assigned to the request run unsteered from the next forward on.
+        """
         if request_id in self._requests:
             self._drop(request_id)
+            self._reroute(request_id)
 
     def replace(self, released: Sequence[Hashable], admitted: dict[Hashable, tuple[Steering | None, int]]) -> None:
         """Release ``released`` and admit ``admitted`` as one atomic step."""
@@ -117,6 +124,17 @@ class SlotManager:
         elif len(prompt_lens) != len(batch):
             raise ValueError(f"assign: {len(prompt_lens)} prompt lengths for a batch of {len(batch)}.")
         self._routing.assign([NO_STEERING_ROW if r is None else r.row for r in requests], list(prompt_lens))
+        self._batch = (list(batch), list(prompt_lens))
+
+    def _reroute(self, request_id: Hashable) -> None:
+        """Rewrite the batch routing if ``request_id`` is assigned: an update may have moved it
+        to another row, and a released request must stop reading a row that is reused."""
+        batch, prompt_lens = self._batch
+        if request_id not in batch:
+            return
+        batch = [r if r in self._requests else None for r in batch]
+        self._routing.assign([NO_STEERING_ROW if r is None else self._requests[r].row for r in batch], prompt_lens)
+        self._batch = (batch, prompt_lens)
 
     def _stage(self, steering: Steering | None) -> _Staged | None:
         if steering is None:
