@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"priming the decode cache for {name} ...", flush=True)
         cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
         with torch.no_grad():
+            # Allocate the cache eagerly: tensors first created inside a CUDA-graphed call
+            # would live in (and be overwritten through) that graph's memory pool.
+            model(prompts[:, :1], past_key_values=cache)
+            cache.reset()
             if fn is steered:
                 steered(prompts[:, :8], steering=steering, past_key_values=cache)
                 return lambda: steered.step(step_ids, past_key_values=cache)

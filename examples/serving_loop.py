@@ -37,6 +37,9 @@ def main() -> None:
     steered = sc.steer(model, {SITE: sae}, max_batch=SLOTS, max_rows=SLOTS)
     cache = transformers.StaticCache(config=config, max_cache_len=PROMPT + STEPS + 8)
     step_ids = torch.zeros(SLOTS, 1, dtype=torch.long, device=device)
+    with torch.no_grad():  # allocate the cache eagerly, outside any compiled or captured call
+        model(step_ids, past_key_values=cache)
+        cache.reset()
     rng = random.Random(0)
 
     def new_steering() -> sc.Steering | None:
