@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cache_len = prefill_len + 8 + args.warmup + args.repeats + 8
 
-    plain = torch.compile(model, mode=mode)
-    steered = sc.steer(model, {SITE: sae}, mode=mode, max_batch=batch, max_tokens=batch * prefill_len)
+    plain = torch.compile(model, mode=mode, dynamic=False)
+    steered = sc.steer(model, {SITE: sae}, mode=mode, dynamic=False, max_batch=batch, max_tokens=batch * prefill_len)
     clamp = sc.Steering(*(sc.Clamp(SITE, f, 5.0) for f in FEATURES))
     recon = sc.Steering(sc.Reconstruct(SITE))
     configs = {
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     # The hooked model is a copy, so the compiled configurations above never see the hook.
     hooked_model = copy.deepcopy(model)
     hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
-    configs["e"] = (torch.compile(hooked_model, mode=mode), None)
+    configs["e"] = (torch.compile(hooked_model, mode=mode, dynamic=False), None)
     configs["d"] = (hooked_model, None)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
     step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
