@@ -66,12 +66,12 @@ def steer(
                 f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the model's hidden size is "
                 f"{layout.hidden_size}. It was trained on a different model or site."
             )
+    inner = resolve_inner_backend(backend, mode, options)
+    handles = {site: f"{tag}:{site.name}" for site in attached}
     for site, sae in attached.items():
         states[site] = SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
-        register_site(f"{tag}:{site.name}", states[site])
-    inner = resolve_inner_backend(backend, mode, options)
+        register_site(handles[site], states[site])
     if attached:
-        handles = {site: f"{tag}:{site.name}" for site in attached}
         inner = SteeringBackend(model, layout, handles, inner, on_graph)
     compiled = torch.compile(fresh_entry_point(model.forward, tag), backend=inner, dynamic=dynamic, fullgraph=fullgraph)
     return SteeredModel(model, layout, available, states, routing, compiled)
@@ -242,6 +242,7 @@ class SteeredModel:
         positions; they decide prompt vs generated scope on the device, so a captured CUDA
         graph follows them from step to step. Default: the cache length plus ``arange(S)``.
         """
+        _require_no_grad()
         batch, seq = _batch_and_seq(input_ids, kwargs)
         if positions is None:
             positions = _positions(seq, _past_length(kwargs), kwargs, self._device)

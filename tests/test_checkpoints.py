@@ -104,6 +104,26 @@ def test_saelens_hook_name_comes_from_metadata(sae_lens, tmp_path) -> None:
     assert load_sae(tmp_path).hook_name == "blocks.3.hook_resid_pre"
 
 
+def test_saelens_sae_lands_on_its_hook_and_steers_like_the_reference(sae_lens, tmp_path) -> None:
+    import sae_compile as sc
+    from tests.factories import assert_rel_close, rel_err
+    from tests.models import make_model
+    from tests.reference import reference_logits
+
+    _saelens_sae(sae_lens, "jumprelu", True, "blocks.3.hook_resid_pre").save_model(tmp_path)
+    sae = load_sae(tmp_path)
+    model = make_model("llama", hidden=D_IN, num_layers=4)
+    steered = sc.steer(model, [sae], backend="aot_eager")
+    assert steered.attached_sites == ("blocks.3.hook_resid_pre",)
+    steering = sc.Steering(sc.Clamp(sae.hook_name, 5, 4.0), sc.Clamp(sae.hook_name, 9, 0.0, "scale"))
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = steered(ids, steering=steering).logits
+    expected = reference_logits(model, ids, saes={sae.hook_name: sae}, steering=steering)
+    assert rel_err(expected, reference_logits(model, ids)) > 1e-3
+    assert_rel_close(got, expected, 1e-5)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
 def test_saelens_reads_what_save_sae_writes(sae_lens, tmp_path, activation) -> None:
     ours = random_sae(D_IN, D_SAE, activation, seed=2, apply_b_dec_to_input=True, hook_name="blocks.1.hook_mlp_out")

@@ -109,3 +109,43 @@ def test_static_cache_generation_with_an_additive_site_on_an_sae_site() -> None:
     ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(1))
     got = generate(steered, model, input_ids=ids, steering=steering, cache_implementation="static")
     assert torch.equal(got, reference(model, saes, input_ids=ids, steering=steering))
+
+
+def test_left_padded_per_row_batch_equals_individual_generation(setup) -> None:
+    model, _, steered = setup
+    ids, mask = prompts()
+    per_row = [STEERINGS["all"], None, STEERINGS["generated"]]
+    batched = generate(steered, model, input_ids=ids, attention_mask=mask, steering=per_row)
+    for b, steering in enumerate(per_row):
+        real = mask[b].bool()
+        alone = generate(steered, model, input_ids=ids[b : b + 1, real], steering=steering)
+        new_tokens = batched[b, ids.shape[1]:]
+        assert torch.equal(alone[0, real.sum():], new_tokens[: alone.shape[1] - int(real.sum())])
+
+
+def test_streamer_and_sampling_kwargs_pass_through(setup) -> None:
+    model, _, steered = setup
+    ids, mask = prompts()
+
+    class Collect:
+        def __init__(self) -> None:
+            self.chunks: list[torch.Tensor] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.chunks.append(value.clone())
+
+        def end(self) -> None:
+            self.chunks.append(torch.empty(0))
+
+    streamer = Collect()
+    single = ids[1:2]
+    greedy = generate(steered, model, input_ids=single, steering=STEERINGS["all"], streamer=streamer)
+    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])
+    assert torch.equal(streamed, greedy[0, single.shape[1]:])
+    torch.manual_seed(0)
+    first = steered.generate(input_ids=ids, attention_mask=mask, steering=STEERINGS["all"], max_new_tokens=NEW,
+                             do_sample=True, top_k=5, temperature=0.7)
+    torch.manual_seed(0)
+    again = steered.generate(input_ids=ids, attention_mask=mask, steering=STEERINGS["all"], max_new_tokens=NEW,
+                             do_sample=True, top_k=5, temperature=0.7)
+    assert torch.equal(first, again) and first.shape == (3, ids.shape[1] + NEW)
