@@ -50,8 +50,9 @@ def steer(
     ``backend``, ``mode``, ``options``, ``dynamic`` and ``fullgraph`` mean what they mean
     to ``torch.compile``. ``max_rows`` (distinct steerings per forward), ``max_clamps``
     (clamped features per steering and site), ``max_batch`` and ``max_tokens`` (batch x
-    sequence per forward) size the static state. With nothing attached, the result is
-    plain ``torch.compile``. The model's weights and modules are not modified.
+    sequence per forward) size the static state. ``on_graph``, if given, is called with
+    every rewritten FX graph (to inspect what was inserted). With nothing attached, the
+    result is plain ``torch.compile``. The model's weights and modules are not modified.
     """
     capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens)
     layout, available = discover_sites(model)
