@@ -12,8 +12,9 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
   e   torch.compile of the model with that forward hook
   f   the bare SAE encode + decode matmuls for the same tokens
 
-Every number is a median over interleaved repeats after warmup, measured in one run, so
-the ratios compare like with like. On CUDA the compiled configurations use CUDA graphs
+Every number is a median over rounds measured in one run: each round times every
+configuration (a block of back-to-back decode steps, or one prefill) in a fresh random
+order, after an untimed call, so the ratios compare like with like. On CUDA the compiled configurations use CUDA graphs
 (mode="reduce-overhead"). Prints a table and writes JSON to benchmarks/results/.
 """
 
@@ -24,6 +25,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -72,12 +74,15 @@ def saelens_hook(sae: sc.SAE) -> Callable:
     return hook
 
 
-def median_ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def block_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    """Mean time of ``calls`` back-to-back calls: one sample of a block, in ms per call."""
+    fn()  # the first call after switching configuration pays for cold caches; not timed
     sync()
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     sync()
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3 / calls
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -87,17 +92,21 @@ def run(args: argparse.Namespace) -> dict:
     batch, prefill_len = 8, 128
     mode = "reduce-overhead" if device.type == "cuda" else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cache_len = prefill_len + 8 + args.warmup + args.repeats + 8
+    block = {"decode": args.block, "prefill": 1}
+    cache_len = 8 + (args.warmup + args.repeats * (args.block + 1)) + 8
 
     plain = torch.compile(model, mode=mode, dynamic=False)
     steered = sc.steer(model, {SITE: sae}, mode=mode, dynamic=False, max_batch=batch, max_tokens=batch * prefill_len)
-    clamp = sc.Steering(*(sc.Clamp(SITE, f, 5.0) for f in FEATURES))
-    recon = sc.Steering(sc.Reconstruct(SITE))
+    # Configurations b, c8 and c1 share one steered model, as requests in a server do: each
+    # is a batch assignment of admitted requests, written before its forward (the real
+    # per-step cost), so interleaving them never re-admits anything.
+    steered.slots.admit("clamp", sc.Steering(*(sc.Clamp(SITE, f, 5.0) for f in FEATURES)), prefill_len)
+    steered.slots.admit("recon", sc.Steering(sc.Reconstruct(SITE)), prefill_len)
     configs = {
         "a": (plain, None),
-        "b": (steered, clamp),
-        "c8": (steered, recon),
-        "c1": (steered, [recon] + [None] * (batch - 1)),
+        "b": (steered, ["clamp"] * batch),
+        "c8": (steered, ["recon"] * batch),
+        "c1": (steered, ["recon"] + [None] * (batch - 1)),
     }
     # The hooked model is a copy, so the compiled configurations above never see the hook.
     hooked_model = copy.deepcopy(model)
@@ -107,15 +116,24 @@ def run(args: argparse.Namespace) -> dict:
     prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
     step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
+    def forward(name: str) -> Callable[..., object]:
+        fn, requests = configs[name]
+        if fn is not steered:
+            return fn
+
+        def steered_step(*args: object, **kwargs: object) -> object:
+            steered.slots.assign(requests)
+            return steered.step(*args, **kwargs)
+
+        return steered_step
+
     def prefill(name: str) -> Callable[[], object]:
-        fn, steering = configs[name]
-        if fn is steered:
-            return lambda: steered(prompts, steering=steering, use_cache=False)
+        fn = forward(name)
         return lambda: fn(prompts, use_cache=False)
 
     def decoder(name: str) -> Callable[[], object]:
         """A decode step on a static cache primed with an 8-token prompt."""
-        fn, steering = configs[name]
+        fn = forward(name)
         print(f"priming the decode cache for {name} ...", flush=True)
         cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
         with torch.no_grad():
@@ -123,11 +141,8 @@ def run(args: argparse.Namespace) -> dict:
             # would live in (and be overwritten through) that graph's memory pool.
             model(prompts[:, :1], past_key_values=cache)
             cache.reset()
-            if fn is steered:
-                steered(prompts[:, :8], steering=steering, past_key_values=cache)
-                return lambda: steered.step(step_ids, past_key_values=cache)
             fn(prompts[:, :8], past_key_values=cache)
-            return lambda: fn(step_ids, past_key_values=cache)
+        return lambda: fn(step_ids, past_key_values=cache)
 
     x_pre = torch.randn(batch, prefill_len, model.config.hidden_size, device=device, dtype=dtype)
     x_dec = x_pre[:, :1]
@@ -142,10 +157,12 @@ def run(args: argparse.Namespace) -> dict:
                 for _ in range(args.warmup):
                     fn()
         graphs = counters["stats"]["unique_graphs"]
+        order = random.Random(0)
         for _ in range(args.repeats):
             for phase, fns in steps.items():
-                for name, fn in fns.items():
-                    timings[phase].setdefault(name, []).append(median_ms(fn, sync))
+                # A fresh random order each round, so no configuration always follows another.
+                for name in order.sample(list(fns), len(fns)):
+                    timings[phase].setdefault(name, []).append(block_ms(fns[name], block[phase], sync))
     recompiles = counters["stats"]["unique_graphs"] - graphs
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
     return {"medians_ms": medians, "recompiles_during_timing": recompiles}
@@ -183,6 +200,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--block", type=int, default=5, help="decode steps per timed block")
     parser.add_argument("--small", action="store_true", help="a small model, for a quick smoke test")
     args = parser.parse_args()
     result = run(args)

@@ -66,6 +66,7 @@ class RoutingState:
         self.token_weight = torch.zeros(capacity.max_tokens, dtype=dtype, device=device)
         self._scope_host = [0] * (capacity.max_rows + 1)
         self._assigned: tuple[int, ...] = ()
+        self._prompt_lens: tuple[int, ...] = ()
         self._version = 0
         self._routed: tuple | None = None
 
@@ -82,10 +83,12 @@ class RoutingState:
 
     def assign(self, rows: list[int], prompt_lens: list[int]) -> None:
         """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``."""
+        if (tuple(rows), tuple(prompt_lens)) == (self._assigned, self._prompt_lens):
+            return  # a serving loop re-assigns every step; unchanged routing costs nothing
         batch = len(rows)
         self.batch_rows[:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
         self.batch_prompt_len[:batch].copy_(torch.tensor(prompt_lens, dtype=torch.long), non_blocking=True)
-        self._assigned = tuple(rows)
+        self._assigned, self._prompt_lens = tuple(rows), tuple(prompt_lens)
         self._version += 1
 
     def route(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
