@@ -278,6 +278,8 @@ def _branch_label(
     scopes: dict[fx.Node, frozenset[int]],
     branch_ids: dict[str, frozenset[int]],
 ) -> str | None:
+    """Which branch modules computed ``contribution``: "attn", "mlp", "both" (a parallel
+    block adds their sum in one step), or None (neither: not a branch output)."""
     touched = set()
     for node in _branch_nodes(contribution, inside, stop):
         touched.update(name for name, ids in branch_ids.items() if scopes[node] & ids)
