@@ -11,6 +11,8 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
   d   eager HF model + a forward hook doing the same clamp the SAELens way (full encode/decode)
   e   torch.compile of the model with that forward hook
   f   the bare SAE encode + decode matmuls for the same tokens
+  f1  the same for one row's tokens: what c1 cannot avoid computing. At decode both f and
+      f1 mostly read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about f1/f
 
 Every number is a median over rounds measured in one run: each round times every
 configuration (a block of back-to-back decode steps, or one prefill) in a fresh random
@@ -109,6 +111,9 @@ def run(args: argparse.Namespace) -> dict:
         "c1": (steered, ["recon"] + [None] * (batch - 1)),
     }
     # The hooked model is a copy, so the compiled configurations above never see the hook.
+    # Dynamo does not guard on module hooks by default, so without this the compiled hooked
+    # copy would reuse the plain model's compiled code (same class, same forward) and skip the hook.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     hooked_model = copy.deepcopy(model)
     hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
     configs["e"] = (torch.compile(hooked_model, mode=mode, dynamic=False), None)
@@ -151,6 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
         steps["decode"]["f"] = lambda: sae.decode(sae.encode(x_dec))
         steps["prefill"]["f"] = lambda: sae.decode(sae.encode(x_pre))
+        steps["decode"]["f1"] = lambda: sae.decode(sae.encode(x_dec[:1]))
+        steps["prefill"]["f1"] = lambda: sae.decode(sae.encode(x_pre[:1]))
         for phase, fns in steps.items():
             for name, fn in fns.items():
                 print(f"warming up {phase} {name} ...", flush=True)
@@ -164,8 +171,28 @@ def run(args: argparse.Namespace) -> dict:
                 for name in order.sample(list(fns), len(fns)):
                     timings[phase].setdefault(name, []).append(block_ms(fns[name], block[phase], sync))
     recompiles = counters["stats"]["unique_graphs"] - graphs
+    if args.profile:
+        with torch.no_grad():
+            profile(steps, args.profile, device)
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
     return {"medians_ms": medians, "recompiles_during_timing": recompiles}
+
+
+def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str], device: torch.device) -> None:
+    """Print where the time of configurations ``names`` goes, per phase, for a few calls each."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for phase, fns in steps.items():
+        for name in names:
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(5):
+                    fns[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            print(f"\n== profile: {phase} {name} (5 calls)")
+            print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
 def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -177,6 +204,8 @@ def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
             "e/b": m["e"] / m["b"],
             "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
             "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
+            "(c1-a)/f1": (m["c1"] - m["a"]) / m["f1"],
+            "f1/f": m["f1"] / m["f"],
         }
     return out
 
@@ -202,6 +231,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block", type=int, default=5, help="decode steps per timed block")
     parser.add_argument("--small", action="store_true", help="a small model, for a quick smoke test")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG", help="after timing, profile these configurations")
     args = parser.parse_args()
     result = run(args)
     result["ratios"] = ratios(result["medians_ms"])

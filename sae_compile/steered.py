@@ -245,9 +245,11 @@ class SteeredModel:
         """
         _require_no_grad()
         batch, seq = _batch_and_seq(input_ids, kwargs)
-        if positions is None:
-            positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
-        self._routing.route(positions, kwargs.get("attention_mask"), batch, seq)
+        attention_mask = kwargs.get("attention_mask")
+        if not self._routing.is_routed(batch, seq, attention_mask):
+            if positions is None:
+                positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
+            self._routing.route(positions, attention_mask, batch, seq)
         return self._compiled(input_ids, *args, **kwargs)
 
     def generate(

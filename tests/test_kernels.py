@@ -136,7 +136,7 @@ def test_sparse_delta_matches_torch_path(activation: str, dtype: torch.dtype, wi
     state, _, g = build(exact_sae(d_in, 72, activation, seed=1), dtype, batch=batch, seq=seq, clamps=5,
                         reconstruct=False, seed=2)
     rows, mask, weight = state.routing.view(batch, seq)
-    assert mask.any() and state.any_sparse
+    assert mask.any() and state.live_paths(batch).sparse is not None
     x = exact_input(g, batch, seq, d_in, dtype)
     if with_add:
         expected = torch_add_then_sparse(x, state)
@@ -163,6 +163,21 @@ def test_full_path_matches_torch_path(activation: str, dtype: torch.dtype, recon
     assert_matches(actual, full_path(x, rows, mask, state), x, mask)
 
 
+@pytest.mark.parametrize("seq", [1, 20], ids=["decode", "prefill"])
+def test_full_path_splits_a_wide_decode(seq: int) -> None:
+    """With few tokens the dense decode is split over F in parts summed in a fixed order;
+    the parts (the last one ragged) must add up to the torch path's decode."""
+    batch, d_in, d_sae = 3, 40, 300
+    state, _, g = build(exact_sae(d_in, d_sae, "jumprelu", seed=15), torch.float32, batch=batch, seq=seq,
+                        clamps=4, reconstruct=True, seed=16)
+    assert triton_sae._decode_splits(triton.cdiv(batch * seq, 16), d_sae, torch.device("cpu")) > 1
+    rows, mask, _ = state.routing.view(batch, seq)
+    x = exact_input(g, batch, seq, d_in, torch.float32)
+    steered = full_mask(state, batch, seq)
+    assert steered.any()
+    assert_matches(triton_sae.full_path(x, rows, mask, state), full_path(x, rows, mask, state), x, steered)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
 def test_kernels_compose_like_the_torch_path(activation: str) -> None:
     """A trained-like fp32 SAE (Gaussian weights, b_dec subtracted from the input), every row kind
@@ -173,8 +188,9 @@ def test_kernels_compose_like_the_torch_path(activation: str) -> None:
     rows, mask, _ = state.routing.view(batch, seq)
     x = torch.randn(batch, seq, d_in, generator=g)  # [B, S, D]
     expected = full_path(torch_add_then_sparse(x, state), rows, full_mask(state, batch, seq), state)
-    actual = triton_sae.full_path(triton_sae.sparse_delta(x, rows, mask, state, with_add=True), rows,
-                                  full_mask(state, batch, seq), state)
+    delta = triton_sae.sparse_delta(x, rows, mask, state, with_add=True)  # [B, S, D]
+    actual = triton_sae.full_path(delta, rows, mask, state, in_place=True)
+    assert actual is delta  # as steer_site chains them: no copy of the unsteered tokens
     assert_matches(actual, expected, x, mask)
 
 
@@ -189,13 +205,19 @@ def test_nothing_steered_returns_a_copy() -> None:
         assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
 
 
-def test_partition_is_a_stable_permutation_with_device_counts() -> None:
-    steered = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)  # [N]
-    recon = torch.tensor([0, 0, 1, 0, 0, 1, 0], dtype=torch.bool)  # [N]
-    slot, ends = triton_sae._partition(steered, recon)
-    assert ends.tolist() == [2, 5, 7]
-    # Reconstruct tokens first, then the other steered, then the rest, each in token order.
-    assert torch.argsort(slot).tolist() == [2, 5, 0, 3, 6, 1, 4]
+def test_partition_lists_full_path_tokens_reconstruct_first() -> None:
+    """Steering row 1 reconstructs, row 2 is a full-path delta row (TopK clamps), row 0 steers
+    nothing; only masked tokens of full rows are listed, each group in token order."""
+    capacity = Capacity(max_rows=3, max_clamps=2, max_batch=4, max_tokens=8)
+    state = SiteState(SITE, 8, None, capacity, RoutingState(capacity, torch.float32, torch.device("cpu")),
+                      torch.float32, torch.device("cpu"))
+    state.full_row[1:3] = True
+    state.reconstruct_row[1] = True
+    rows = torch.tensor([2, 1, 0, 1])  # [B]
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1]], dtype=torch.bool)  # [B, S]: tokens 0..7
+    token, bounds = triton_sae._partition(mask, rows, state)
+    assert bounds.tolist() == [2, 4]
+    assert token[:4].tolist() == [2, 7, 0, 1]
 
 
 def test_module_imports_without_triton() -> None:
@@ -246,7 +268,7 @@ def test_captured_graph_follows_in_place_routing(activation: str) -> None:
 
     def step() -> torch.Tensor:
         out = triton_sae.sparse_delta(x, rows, mask, state, with_add=True)  # [B, S, D]
-        return triton_sae.full_path(out, rows, mask & state.full_row[rows][:, None], state)  # [B, S, D]
+        return triton_sae.full_path(out, rows, mask, state, in_place=True)  # [B, S, D]
 
     def expected() -> torch.Tensor:
         return full_path(torch_add_then_sparse(x, state), rows, full_mask(state, batch, seq), state)
@@ -279,7 +301,7 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, cwd=REPO, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["ok"] * 16, result.stdout
+    assert result.stdout.split() == ["ok"] * 17, result.stdout
 
 
 _COMPILE_ALL = """
@@ -292,26 +314,32 @@ def build(fn, pointers, scalars, constexprs):
     compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     print("ok")
 
+build(ts._partition_kernel,
+      dict(mask_ptr="*u8", rows_ptr="*i64", full_row_ptr="*u8", reconstruct_row_ptr="*u8", token_ptr="*i64",
+           bounds_ptr="*i64"),
+      ["n", "seq"], dict(BLOCK=1024))
 for dt in ("fp32", "bf16"):
     precision = "ieee" if dt == "fp32" else "tf32"
     for with_add in (False, True):
         build(ts._sparse_delta_kernel,
               dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", rows_ptr="*i64", mask_ptr="*u8", add_vec_ptr=f"*{dt}",
                    enc_ptr=f"*{dt}", dec_ptr=f"*{dt}", params_ptr="*fp32"),
-              ["seq"], dict(d_model=2048, C=16, BLOCK_C=16, BLOCK_D=128, WITH_ADD=with_add))
+              ["seq"], dict(d_model=2048, C=16, WITH_ADD=with_add, DOT_F32=False, PRECISION=precision,
+                            BLOCK_T=16, BLOCK_C=16, BLOCK_D=128))
     for topk in (False, True):
         for block_m in (16, 64):
             build(ts._encode_kernel,
                   dict(x_ptr=f"*{dt}", token_ptr="*i64", bounds_ptr="*i64", w_enc_ptr=f"*{dt}", b_enc_ptr=f"*{dt}",
                        threshold_ptr=f"*{dt}", f_ptr=f"*{dt}"),
                   [], dict(d_model=2048, d_sae=16384, TOPK=topk, DOT_F32=False, PRECISION=precision,
-                           BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32))
+                           BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64))
     build(ts._decode_kernel,
           dict(f_ptr=f"*{dt}", bounds_ptr="*i64", w_dec_ptr=f"*{dt}", dec_ptr="*fp32"),
-          [], dict(d_model=2048, d_sae=16384, DOT_F32=False, PRECISION=precision, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
+          ["n_slots"], dict(d_model=2048, d_sae=16384, K_SPLIT=1024, DOT_F32=False, PRECISION=precision,
+                            BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
     build(ts._full_output_kernel,
-          dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", rows_ptr="*i64", slot_ptr="*i64", bounds_ptr="*i64", f_ptr=f"*{dt}",
+          dict(out_ptr=f"*{dt}", rows_ptr="*i64", token_ptr="*i64", bounds_ptr="*i64", f_ptr=f"*{dt}",
                dec_ptr="*fp32", w_dec_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", clamp_idx_ptr="*i64", clamp_mul_ptr="*fp32",
                clamp_shift_ptr="*fp32"),
-          ["seq"], dict(d_model=2048, d_sae=16384, C=5, BLOCK_C=8, BLOCK_D=128))
+          ["seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=128))
 """

@@ -75,6 +75,15 @@ class RoutingState:
         n = batch * seq
         return self.batch_rows[:batch], self.token_mask[:n].view(batch, seq), self.token_weight[:n].view(batch, seq)
 
+    @property
+    def version(self) -> int:
+        """Bumped by every host write (assignment, scope), so readers can cache what they derive."""
+        return self._version
+
+    def assigned_rows(self, batch: int) -> tuple[int, ...]:
+        """The steering rows of the first ``batch`` batch rows, as last assigned (host copy)."""
+        return self._assigned[:batch]
+
     def set_scope(self, row: int, scope: int) -> None:
         """Host write: steering ``row`` covers ``scope`` (0 none, 1 all, 2 prompt, 3 generated)."""
         self.row_scope[row] = scope
@@ -85,9 +94,10 @@ class RoutingState:
         """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``."""
         if (tuple(rows), tuple(prompt_lens)) == (self._assigned, self._prompt_lens):
             return  # a serving loop re-assigns every step; unchanged routing costs nothing
-        batch = len(rows)
-        self.batch_rows[:batch].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        self.batch_prompt_len[:batch].copy_(torch.tensor(prompt_lens, dtype=torch.long), non_blocking=True)
+        # Batch rows past the assignment are unsteered, not whatever an earlier, larger one left.
+        unassigned = [0] * (self.capacity.max_batch - len(rows))
+        self.batch_rows.copy_(torch.tensor(rows + unassigned, dtype=torch.long), non_blocking=True)
+        self.batch_prompt_len.copy_(torch.tensor(prompt_lens + unassigned, dtype=torch.long), non_blocking=True)
         self._assigned, self._prompt_lens = tuple(rows), tuple(prompt_lens)
         self._version += 1
 
@@ -100,12 +110,7 @@ class RoutingState:
         padding. No host sync and no data-dependent shapes, so this can sit inside a
         captured CUDA graph and follow the positions from prefill into decode.
         """
-        capturing = self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing()
-        # When no assigned row's scope depends on position and there is no padding, the
-        # mask only changes with the assignment: the host knows when to skip the work.
-        key = (batch, seq, self._version)
-        static = attention_mask is None and all(self._scope_host[r] in (0, SCOPE_ALL) for r in self._assigned[:batch])
-        if static and not capturing and self._routed == key:
+        if self.is_routed(batch, seq, attention_mask):
             return
         rows = self.batch_rows[:batch]  # [B]
         scope = self.row_scope[rows][:, None]  # [B, 1]
@@ -118,7 +123,16 @@ class RoutingState:
         _, token_mask, token_weight = self.view(batch, seq)
         token_mask.copy_(mask)
         token_weight.copy_(mask)
-        self._routed = key if static else None
+        static = attention_mask is None and all(self._scope_host[r] in (0, SCOPE_ALL) for r in self._assigned[:batch])
+        self._routed = (batch, seq, self._version) if static else None
+
+    def is_routed(self, batch: int, seq: int, attention_mask: torch.Tensor | None) -> bool:
+        """True when ``route`` would write what the mask already holds: no assigned row's scope
+        depends on position, there is no padding, and neither the shape nor the assignment changed.
+        Never while a CUDA graph is captured: its replays must recompute the mask."""
+        if self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        return attention_mask is None and self._routed == (batch, seq, self._version)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight")
@@ -141,6 +155,19 @@ class RowEdits:
     @property
     def uses_sae(self) -> bool:
         return bool(self.features) or self.reconstruct
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Which steering paths a forward runs at one site (see ``kernels.steer``).
+
+    ``sparse`` is the contiguous range of steering rows whose sparse tables are read
+    (``None``: the sparse delta path does not run).
+    """
+
+    add: bool
+    sparse: slice | None
+    full: bool
 
 
 class SiteState:
@@ -201,6 +228,8 @@ class SiteState:
         self._add_rows: set[int] = set()
         self._sparse_rows: set[int] = set()
         self._full_rows: set[int] = set()
+        self._version = 0
+        self._paths: tuple[tuple[int, int, int], Paths] | None = None
         if sae is not None:
             self._load_sae(sae)
 
@@ -209,17 +238,23 @@ class SiteState:
         """True when each feature depends on its own encoder column only (ReLU, JumpReLU)."""
         return self.activation in ("relu", "jumprelu")
 
-    @property
-    def any_add(self) -> bool:
-        return bool(self._add_rows)
+    def live_paths(self, batch: int) -> Paths:
+        """The paths the steering rows assigned to the first ``batch`` batch rows need.
 
-    @property
-    def any_sparse(self) -> bool:
-        return bool(self._sparse_rows)
+        Read from host mirrors only (no device sync), and cached until the assignment or a
+        row changes, so a decode step pays a tuple compare.
+        """
+        key = (self.routing.version, self._version, batch)
+        if self._paths is None or self._paths[0] != key:
+            rows = set(self.routing.assigned_rows(batch))
+            sparse = rows & self._sparse_rows
+            span = slice(min(sparse), max(sparse) + 1) if sparse else None
+            self._paths = (key, Paths(bool(rows & self._add_rows), span, bool(rows & self._full_rows)))
+        return self._paths[1]
 
-    @property
-    def any_full(self) -> bool:
-        return bool(self._full_rows)
+    def capture_paths(self) -> Paths:
+        """Every path a later replay of a captured graph may need, whatever rows it is given."""
+        return Paths(add=True, sparse=slice(None) if self.elementwise else None, full=self.d_sae > 0)
 
     def max_feature(self) -> int:
         """The largest feature index any live row clamps (-1 if none)."""
@@ -247,6 +282,7 @@ class SiteState:
         self._edits[row] = edits
         for rows, member in ((self._add_rows, edits.add is not None), (self._sparse_rows, sparse), (self._full_rows, full)):
             (rows.add if member else rows.discard)(row)
+        self._version += 1
         self._gather_sparse(row)
 
     def _gather_sparse(self, row: int) -> None:

@@ -25,22 +25,21 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new tensor."""
     batch, seq, _ = x.shape
     rows, mask, weight = site.routing.view(batch, seq)  # [B], [B, S] bool, [B, S] 0/1
-    # The host knows which paths any row needs; a captured graph must contain every path
-    # a later replay may need, so under capture all of them run.
+    # The host knows which paths the assigned rows need; a captured graph must contain
+    # every path a later replay may need, so under capture all of them run.
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    add = site.any_add or capturing
-    sparse = site.any_sparse or (capturing and site.elementwise)
-    full = site.any_full or (capturing and site.d_sae > 0)
+    paths = site.capture_paths() if capturing else site.live_paths(batch)
     fused = x.is_cuda and triton_sae.TRITON_AVAILABLE
     out = x
-    if fused and sparse:
-        out = triton_sae.sparse_delta(out, rows, mask, site, with_add=add)
+    if fused and paths.sparse is not None:
+        out = triton_sae.sparse_delta(out, rows, mask, site, with_add=paths.add)
     else:
-        if add:
+        if paths.add:
             out = torch_path.add_vector(out, rows, weight, site)
-        if sparse:
-            out = torch_path.sparse_delta(out, rows, weight, site)
-    if full:
-        full_mask = mask & site.full_row[rows][:, None]  # [B, S]
-        out = (triton_sae.full_path if fused else torch_path.full_path)(out, rows, full_mask, site)
+        if paths.sparse is not None:
+            out = torch_path.sparse_delta(out, rows, weight, site, paths.sparse)
+    if paths.full and fused:
+        out = triton_sae.full_path(out, rows, mask, site, in_place=out is not x)
+    elif paths.full:
+        out = torch_path.full_path(out, rows, mask, site)
     return x.clone() if out is x else out

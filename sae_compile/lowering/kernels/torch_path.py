@@ -13,24 +13,39 @@ def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: 
     return torch.addcmul(x, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
 
 
-def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
+def sparse_delta(
+    x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState, span: slice = slice(None)
+) -> torch.Tensor:
     """``x + sum_c coef_c * dec_c`` over each row's (pre-gathered) clamped features.
 
-    Unused slots and other rows' tables are zero, and ``weight`` zeroes unsteered tokens,
-    so their ``coef`` is exactly 0 and ``x`` comes back unchanged.
+    ``span`` is a contiguous range of steering rows that holds every row this batch uses
+    with sparse edits (default: all rows). Its tables are read in place, as ``K = rows x C``
+    feature columns shared by the whole batch; each token keeps only its own row's columns.
+    Unused slots and other rows' columns get ``coef`` exactly 0, as do unsteered tokens
+    (``weight`` 0), so those tokens come back unchanged.
     """
-    params = site.sparse_params[rows][:, None]  # [B, 1, 4, C]: b_enc, threshold, mul - 1, shift
-    pre = torch.bmm(x, site.sparse_enc[rows].transpose(1, 2)).float() + params[..., 0, :]  # [B, S, C]
-    f = pre * (pre > params[..., 1, :])  # [B, S, C] JumpReLU (ReLU: threshold 0)
-    coef = torch.addcmul(params[..., 3, :], f, params[..., 2, :]) * weight[..., None]  # [B, S, C]
-    return torch.baddbmm(x, coef.to(x.dtype), site.sparse_dec[rows])  # [B, S, D]
+    batch, seq, d = x.shape
+    first, stop, _ = span.indices(site.sparse_enc.shape[0])
+    enc = site.sparse_enc[first:stop].flatten(0, 1)  # [K, D], a view
+    dec = site.sparse_dec[first:stop].flatten(0, 1)  # [K, D], a view
+    params = site.sparse_params[first:stop].transpose(0, 1).flatten(1)  # [4, K]: b_enc, threshold, mul - 1, shift
+    clamps = site.sparse_enc.shape[1]
+    column_row = torch.arange(first, stop, device=x.device).repeat_interleave(clamps)  # [K]
+    own = (rows[:, None] == column_row).to(weight.dtype)[:, None, :] * weight[..., None]  # [B, S, K]
+    flat = x.reshape(batch * seq, d)  # [N, D]
+    pre = (flat @ enc.t()).float().view(batch, seq, -1) + params[0]  # [B, S, K]
+    f = pre * (pre > params[1])  # [B, S, K] JumpReLU (ReLU: threshold 0)
+    coef = torch.addcmul(params[3], f, params[2]) * own  # [B, S, K] = f' - f on the token's own row
+    return torch.addmm(flat, coef.view(batch * seq, -1).to(x.dtype), dec).view(batch, seq, d)
 
 
 def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """Full-encode steering of the tokens in ``mask [B, S]`` whose row is a full row (Reconstruct,
+    or clamps on a TopK SAE); every other token is copied exactly."""
     batch, seq, d = x.shape
     flat = x.reshape(batch * seq, d)  # [N, D]
     token_rows = rows.repeat_interleave(seq)  # [N]
-    token_mask = mask.reshape(-1)  # [N]
+    token_mask = (mask & site.full_row[rows][:, None]).reshape(-1)  # [N]
     if x.is_cuda:
         # No data-dependent sizes on the device: compute every token, keep the steered ones.
         steered = _full_tokens(flat, token_rows, site)
@@ -42,16 +57,22 @@ def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: Sit
 
 
 def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """Full-path steering of tokens ``x [n, D]`` whose rows are ``token_rows [n]``."""
-    pre = F.linear(x, site.W_enc_t, site.b_enc)  # [n, F]
+    """Full-path steering of tokens ``x [n, D]`` whose rows are ``token_rows [n]``.
+
+    Works in one ``[n, F]`` buffer, in place: the encode writes it, the activation and the
+    clamps edit it, the decode reads it. That is the bare SAE's own memory traffic.
+    """
+    f = F.linear(x, site.W_enc_t, site.b_enc)  # [n, F] pre-activations
     if site.activation == "topk":
-        top = torch.relu(pre).topk(site.k, dim=-1)
-        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)  # [n, F]
+        top = f.relu_().topk(site.k, dim=-1)  # ties break as in SAE.encode: among the ReLU'd values
+        f.zero_().scatter_(-1, top.indices, top.values)  # [n, F]
     else:
-        f = torch.where(pre > site.threshold, pre, torch.zeros_like(pre))  # [n, F]
+        f.masked_fill_(f <= site.threshold, 0.0)  # [n, F] JumpReLU (ReLU: threshold 0)
     idx = site.clamp_idx[token_rows]  # [n, C]
     coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
-    df = torch.zeros_like(f).scatter_add(1, idx, coef.to(f.dtype))  # [n, F] = f' - f
     recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]
-    decoded = torch.where(recon, f + df, df) @ site.W_dec  # [n, D]
+    # Reconstruct tokens decode f' = f + (f' - f); the others decode only f' - f and keep x.
+    f.mul_(recon)
+    f.scatter_add_(1, idx, coef.to(f.dtype))  # [n, F]
+    decoded = f @ site.W_dec  # [n, D]
     return torch.where(recon, decoded + site.b_dec, x + decoded)

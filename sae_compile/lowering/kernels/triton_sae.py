@@ -1,12 +1,14 @@
 """Triton kernels for one site's SAE steering, equal to the torch path (DESIGN §4) without its costs.
 
-- ``sparse_delta``: the delta path of ReLU/JumpReLU rows, one fused kernel, one program per
-  token: encode with the ``C`` clamped features' encoder rows (pre-gathered per steering row),
-  apply the clamps, decode the delta with their ``C`` decoder rows. O(C·D) per token, no
-  [N, F] buffer. With ``with_add`` it also does the additive step first, as ``steer_site`` does.
-- ``full_path``: Reconstruct rows and TopK SAEs. A device-side compaction puts the steered
-  tokens first; the encode and decode GEMMs have grids sized for every token, and tiles past
-  the device-held count exit at once, so only steered tokens cost FLOPs.
+- ``sparse_delta``: the delta path of ReLU/JumpReLU rows, one fused kernel. A program takes 16
+  tokens of one batch row: it encodes them with the ``C`` clamped features' encoder rows
+  (pre-gathered per steering row), applies the clamps, and decodes the delta with their ``C``
+  decoder rows. O(C·D) per token, no [N, F] buffer. With ``with_add`` it also does the
+  additive step first, as ``steer_site`` does.
+- ``full_path``: Reconstruct rows and TopK SAEs. A one-program device-side partition lists the
+  full-path tokens; the encode and decode GEMMs have grids sized for every token, and tiles
+  past the device-held count exit at once, so only those tokens cost FLOPs. It can write in
+  place, so after the sparse kernel no further copy of the unsteered tokens is made.
 
 Both follow the op contract (DESIGN §5): no host sync, no data-dependent sizes, launches on
 the current stream, so they can sit inside a captured CUDA graph. Products accumulate in fp32.
@@ -21,6 +23,7 @@ The module imports without triton: ``TRITON_AVAILABLE`` says whether the kernels
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -34,11 +37,12 @@ except ImportError:  # triton is an optional, GPU-only dependency
 
 TRITON_AVAILABLE: bool = triton is not None
 
-# Tile sizes of the encode/decode GEMMs (tl.dot needs every dimension >= 16).
-_BLOCK_N = 64
-_BLOCK_K = 32
-# Width of the per-token loops over the hidden size.
-_BLOCK_D = 128
+# Tile sizes. ``tl.dot`` needs every dimension >= 16.
+_BLOCK_T = 16  # tokens per sparse-delta program (they share a batch row, so a steering row)
+_BLOCK_N = 64  # output columns per GEMM tile
+_BLOCK_K = 64  # reduction step of the GEMMs
+_BLOCK_D = 128  # width of the loops over the hidden size
+_PARTITION_MIN = 128  # smallest block of the one-program partition (it is next_pow2(N) above that)
 
 # The sizes that bound loops (D, F, C) are compile-time constants: they are fixed per site, so
 # that costs one compile per site, and the interpreter (Triton 3.6 with NumPy 2) cannot loop to
@@ -51,59 +55,92 @@ if TRITON_AVAILABLE:
     def _sparse_delta_kernel(
         x_ptr, out_ptr, rows_ptr, mask_ptr, add_vec_ptr, enc_ptr, dec_ptr, params_ptr,
         seq,
-        d_model: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WITH_ADD: tl.constexpr,
+        d_model: tl.constexpr, C: tl.constexpr, WITH_ADD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per token of ``x [N, D]`` (``N = B * S``, row-major); see ``sparse_delta``."""
+        """One program per ``BLOCK_T`` consecutive tokens of one batch row; see ``sparse_delta``."""
         dtype = out_ptr.dtype.element_ty
-        token = tl.program_id(0).to(tl.int64)
-        row = tl.load(rows_ptr + token // seq)  # the steering row of this token's batch row
-        steered = tl.load(mask_ptr + token) != 0
-        # How many clamp slots / hidden dims this token reads: 0 when unsteered. (Masks are then
-        # plain comparisons: some interpreter versions mis-broadcast a scalar bool in `&`.)
-        live_c = tl.where(steered, C, 0)
-        live_d = tl.where(steered, d_model, 0)
+        batch_row = tl.program_id(0).to(tl.int64)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] positions in the row
+        t_on = offs_t < seq
+        token = batch_row * seq + offs_t  # [BLOCK_T] int64
+        row = tl.load(rows_ptr + batch_row)  # the tile's steering row
+        steered = (tl.load(mask_ptr + token, mask=t_on, other=0) != 0) & t_on  # [BLOCK_T]
+        # A tile with no steered token reads no table: its loads below are all masked off.
+        live_c = tl.where(tl.max(steered.to(tl.int32), axis=0) > 0, C, 0)
         offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C]
         c_on = offs_c < live_c  # [BLOCK_C]
         enc_rows = enc_ptr + row * C * d_model  # sparse_enc[row] [C, D]
         dec_rows = dec_ptr + row * C * d_model  # sparse_dec[row] [C, D]
-        x_row = x_ptr + token * d_model
         add_row = add_vec_ptr + row * d_model
 
         # Pass 1: pre-activations of the C clamped features, from x after the additive step.
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)  # [BLOCK_T, BLOCK_C]
         for d0 in range(0, d_model, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
-            d_on = offs_d < live_d
-            xs = tl.load(x_row + offs_d, mask=d_on, other=0.0).to(tl.float32)  # [BLOCK_D]
+            d_on = offs_d < d_model
+            xs = tl.load(x_ptr + token[:, None] * d_model + offs_d[None, :],
+                         mask=steered[:, None] & d_on[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
             if WITH_ADD:
                 # The encoder sees x + v rounded to the model dtype, as in the torch path.
-                xs = (xs + tl.load(add_row + offs_d, mask=d_on, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            w = tl.load(enc_rows + offs_c[:, None] * d_model + offs_d[None, :],
-                        mask=c_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
-            acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
+                v = tl.load(add_row + offs_d, mask=d_on, other=0.0).to(tl.float32)  # [BLOCK_D]
+                xs = (xs.to(tl.float32) + v[None, :]).to(dtype)
+            w = tl.load(enc_rows + offs_c[None, :] * d_model + offs_d[:, None],
+                        mask=c_on[None, :] & d_on[:, None], other=0.0)  # [BLOCK_D, BLOCK_C]
+            if DOT_F32:
+                # CPU tensors mean the interpreter, which keeps bf16 as raw bits and cannot multiply them.
+                xs = xs.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(xs, w, acc, input_precision=PRECISION)
         params = params_ptr + row * 4 * C  # sparse_params[row] [4, C] fp32
         b_enc = tl.load(params + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         theta = tl.load(params + C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         mul_m1 = tl.load(params + 2 * C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         shift = tl.load(params + 3 * C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
-        pre = acc.to(dtype).to(tl.float32) + b_enc  # [BLOCK_C]; x @ enc at model precision, as bmm gives it
-        f = tl.where(pre > theta, pre, 0.0)  # [BLOCK_C] JumpReLU (theta = 0: ReLU)
-        coef = shift + f * mul_m1  # [BLOCK_C] = f' - f; 0 on unused slots and non-sparse rows
+        pre = acc.to(dtype).to(tl.float32) + b_enc[None, :]  # [BLOCK_T, BLOCK_C]; x @ enc at model precision
+        f = tl.where(pre > theta[None, :], pre, 0.0)  # JumpReLU (theta = 0: ReLU)
+        # f' - f, rounded to the model dtype as the torch path's decode matmul takes it; 0 on
+        # unused slots and on rows that are not sparse delta rows.
+        coef = (shift[None, :] + f * mul_m1[None, :]).to(dtype)  # [BLOCK_T, BLOCK_C]
+        if DOT_F32:
+            coef = coef.to(tl.float32)
 
         # Pass 2: out = (x [+ v]) + coef @ dec; unsteered tokens are copied bit for bit.
-        out_row = out_ptr + token * d_model
         for d0 in range(0, d_model, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
             d_on = offs_d < d_model
-            x_raw = tl.load(x_row + offs_d, mask=d_on, other=0.0)  # [BLOCK_D] model dtype
-            base = x_raw.to(tl.float32)  # [BLOCK_D]
+            tile = token[:, None] * d_model + offs_d[None, :]  # [BLOCK_T, BLOCK_D]
+            tile_on = t_on[:, None] & d_on[None, :]
+            x_raw = tl.load(x_ptr + tile, mask=tile_on, other=0.0)  # [BLOCK_T, BLOCK_D] model dtype
+            base = x_raw.to(tl.float32)
             if WITH_ADD:
-                base = base + tl.load(add_row + offs_d, mask=offs_d < live_d, other=0.0).to(tl.float32)
-                base = base.to(dtype).to(tl.float32)
+                v = tl.load(add_row + offs_d, mask=d_on, other=0.0).to(tl.float32)  # [BLOCK_D]
+                base = (base + v[None, :]).to(dtype).to(tl.float32)
             w = tl.load(dec_rows + offs_c[:, None] * d_model + offs_d[None, :],
                         mask=c_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
-            delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_D]
-            tl.store(out_row + offs_d, tl.where(steered, (base + delta).to(dtype), x_raw), mask=d_on)
+            if DOT_F32:
+                w = w.to(tl.float32)
+            delta = tl.dot(coef, w, input_precision=PRECISION)  # [BLOCK_T, BLOCK_D] fp32
+            tl.store(out_ptr + tile, tl.where(steered[:, None], (base + delta).to(dtype), x_raw), mask=tile_on)
+
+    @triton.jit
+    def _partition_kernel(
+        mask_ptr, rows_ptr, full_row_ptr, reconstruct_row_ptr, token_ptr, bounds_ptr,
+        n, seq,
+        BLOCK: tl.constexpr,
+    ):
+        """One program: the full-path tokens in slot order, and the group ends; see ``_partition``."""
+        offs = tl.arange(0, BLOCK)  # [BLOCK] tokens
+        on = offs < n
+        row = tl.load(rows_ptr + offs // seq, mask=on, other=0)  # [BLOCK]
+        full = (tl.load(mask_ptr + offs, mask=on, other=0) != 0) & (tl.load(full_row_ptr + row, mask=on, other=0) != 0)
+        recon = full & (tl.load(reconstruct_row_ptr + row, mask=on, other=0) != 0)  # [BLOCK]
+        delta = full & (recon == 0)  # [BLOCK]
+        n_recon = tl.sum(recon.to(tl.int32), axis=0)
+        slot = tl.where(recon, tl.cumsum(recon.to(tl.int32), axis=0), n_recon + tl.cumsum(delta.to(tl.int32), axis=0)) - 1
+        tl.store(token_ptr + slot, offs.to(tl.int64), mask=full)
+        tl.store(bounds_ptr, n_recon.to(tl.int64))
+        tl.store(bounds_ptr + 1, (n_recon + tl.sum(delta.to(tl.int32), axis=0)).to(tl.int64))
 
     @triton.jit
     def _encode_kernel(
@@ -112,7 +149,7 @@ if TRITON_AVAILABLE:
         TOPK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``f[m] = act(x[token[m]] @ W_enc_t.T + b_enc)`` for slots ``m < bounds[1]`` (the steered ones).
+        """``f[m] = act(x[token[m]] @ W_enc_t.T + b_enc)`` for slots ``m < bounds[1]`` (the full-path tokens).
 
         For TopK the activation here is only the ReLU; the caller keeps the k largest.
         """
@@ -135,8 +172,7 @@ if TRITON_AVAILABLE:
                         mask=m_on[:, None] & k_on[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             b = tl.load(w_enc_ptr + offs_n[None, :] * d_model + offs_k[:, None],
                         mask=k_on[:, None] & n_on[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            if DOT_F32:
-                # CPU tensors mean the interpreter, which keeps bf16 as raw bits and cannot multiply them.
+            if DOT_F32:  # interpreter only, as in _sparse_delta_kernel
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -152,13 +188,17 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _decode_kernel(
         f_ptr, bounds_ptr, w_dec_ptr, dec_ptr,
-        d_model: tl.constexpr, d_sae: tl.constexpr,
+        n_slots,
+        d_model: tl.constexpr, d_sae: tl.constexpr, K_SPLIT: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``dec[m] = f[m] @ W_dec`` in fp32, for slots ``m < bounds[0]`` (the Reconstruct tokens)."""
+        """``dec[s, m] = f[m, ks] @ W_dec[ks]`` in fp32, for slots ``m < bounds[0]`` (the Reconstruct
+        tokens), over the ``s``-th ``K_SPLIT`` features ``ks``: split-K partial sums, added up in a
+        fixed order by ``_full_output_kernel`` (deterministic, unlike atomics)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        split = tl.program_id(2)
         count = tl.load(bounds_ptr)
         if pid_m * BLOCK_M >= count:
             return  # delta-only tokens need no dense decode: their f' - f lives on C features
@@ -167,64 +207,69 @@ if TRITON_AVAILABLE:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] hidden dims
         n_on = offs_n < d_model
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
-        for k0 in range(0, d_sae, BLOCK_K):
-            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BLOCK_K] features
+        for k0 in range(0, K_SPLIT, BLOCK_K):
+            offs_k = (split * K_SPLIT + k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BLOCK_K] features
             k_on = offs_k < d_sae
             a = tl.load(f_ptr + offs_m[:, None] * d_sae + offs_k[None, :],
                         mask=m_on[:, None] & k_on[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             b = tl.load(w_dec_ptr + offs_k[:, None] * d_model + offs_n[None, :],
                         mask=k_on[:, None] & n_on[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            if DOT_F32:  # interpreter only, as in _encode_kernel
+            if DOT_F32:  # interpreter only, as in _sparse_delta_kernel
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        tl.store(dec_ptr + offs_m[:, None] * d_model + offs_n[None, :], acc, mask=m_on[:, None] & n_on[None, :])
+        out = dec_ptr + (split * n_slots + offs_m[:, None]) * d_model + offs_n[None, :]
+        tl.store(out, acc, mask=m_on[:, None] & n_on[None, :])
 
     @triton.jit
     def _full_output_kernel(
-        x_ptr, out_ptr, rows_ptr, slot_ptr, bounds_ptr, f_ptr, dec_ptr, w_dec_ptr, b_dec_ptr,
+        out_ptr, rows_ptr, token_ptr, bounds_ptr, f_ptr, dec_ptr, w_dec_ptr, b_dec_ptr,
         clamp_idx_ptr, clamp_mul_ptr, clamp_shift_ptr,
-        seq,
-        d_model: tl.constexpr, d_sae: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        seq, n_slots,
+        d_model: tl.constexpr, d_sae: tl.constexpr, C: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per token: apply the clamps and write the token's output (see ``full_path``)."""
+        """One program per slot: apply the clamps and overwrite that full-path token (see ``full_path``)."""
         dtype = out_ptr.dtype.element_ty
-        token = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ptr + token)  # this token's place in the compaction
-        recon = slot < tl.load(bounds_ptr)  # Reconstruct tokens come first ...
-        steered = slot < tl.load(bounds_ptr + 1)  # ... then the delta-only ones
+        slot = tl.program_id(0).to(tl.int64)
+        if slot >= tl.load(bounds_ptr + 1):
+            return  # tokens off the full path keep what ``out`` already holds
+        recon = slot < tl.load(bounds_ptr)  # Reconstruct tokens come first
+        token = tl.load(token_ptr + slot)
         row = tl.load(rows_ptr + token // seq)
-        live_c = tl.where(steered, C, 0)  # as in _sparse_delta_kernel
-        live_dec = tl.where(recon, d_model, 0)  # only Reconstruct tokens read the dense decode
+        # Only Reconstruct tokens read the dense decode. (Masks are plain comparisons: some
+        # interpreter versions mis-broadcast a scalar bool in `&`.)
+        live_dec = tl.where(recon, d_model, 0)
         offs_c = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-        c_on = offs_c < live_c  # [BLOCK_C]
+        c_on = offs_c < C  # [BLOCK_C]
         feat = tl.load(clamp_idx_ptr + row * C + offs_c, mask=c_on, other=0)  # [BLOCK_C] int64
         f = tl.load(f_ptr + slot * d_sae + feat, mask=c_on, other=0.0).to(tl.float32)  # [BLOCK_C]
         mul = tl.load(clamp_mul_ptr + row * C + offs_c, mask=c_on, other=1.0)  # [BLOCK_C]
         shift = tl.load(clamp_shift_ptr + row * C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         coef = (mul - 1.0) * f + shift  # [BLOCK_C] = f' - f on the clamped features
 
-        x_row = x_ptr + token * d_model
-        out_row = out_ptr + token * d_model
-        dec_row = dec_ptr + slot * d_model
+        x_row = out_ptr + token * d_model  # read, then overwritten in place, chunk by chunk
         for d0 in range(0, d_model, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
             d_on = offs_d < d_model
+            dec_on = offs_d < live_dec
             x_raw = tl.load(x_row + offs_d, mask=d_on, other=0.0)  # [BLOCK_D] model dtype
-            dec = tl.load(dec_row + offs_d, mask=offs_d < live_dec, other=0.0)  # [BLOCK_D] f @ W_dec
-            b_dec = tl.load(b_dec_ptr + offs_d, mask=offs_d < live_dec, other=0.0).to(tl.float32)  # [BLOCK_D]
+            dec = tl.zeros((BLOCK_D,), dtype=tl.float32)  # [BLOCK_D] f @ W_dec
+            for split in range(SPLITS):
+                dec += tl.load(dec_ptr + (split * n_slots + slot) * d_model + offs_d, mask=dec_on, other=0.0)
+            b_dec = tl.load(b_dec_ptr + offs_d, mask=dec_on, other=0.0).to(tl.float32)  # [BLOCK_D]
             w = tl.load(w_dec_ptr + feat[:, None] * d_model + offs_d[None, :],
                         mask=c_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_C, BLOCK_D]
             delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_D] (f' - f) @ W_dec
             # Reconstruct: f' @ W_dec + b_dec (error term dropped); delta: x + (f' - f) @ W_dec.
             base = tl.where(recon, dec + b_dec, x_raw.to(tl.float32))  # [BLOCK_D]
-            tl.store(out_row + offs_d, tl.where(steered, (base + delta).to(dtype), x_raw), mask=d_on)
+            tl.store(x_row + offs_d, (base + delta).to(dtype), mask=d_on)
 
 
 def sparse_delta(
     x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState, *, with_add: bool = False
 ) -> torch.Tensor:
-    """Error-preserving clamps of an elementwise (ReLU/JumpReLU) SAE; equal to ``torch_path._sparse_delta``.
+    """Error-preserving clamps of an elementwise (ReLU/JumpReLU) SAE; equal to ``torch_path.sparse_delta``.
 
     ``x [B, S, D]``, ``rows [B]`` (steering row per batch row), ``mask [B, S]`` bool (the tokens
     to steer; ``torch_path`` passes the same mask as a 0/1 ``weight``). Each steered token of
@@ -236,7 +281,8 @@ def sparse_delta(
     ``with_add=True`` fuses the additive step that ``steer_site`` runs first: steered tokens
     start from ``x + add_vec[r]`` (rounded to the model dtype), and the SAE encodes that.
 
-    Returns a new tensor like ``x``. No host sync; one program per token.
+    Returns a new tensor like ``x``. No host sync; one program per 16 tokens of a batch row,
+    which read their row's ``C`` encoder and decoder rows once.
     """
     _require_triton()
     batch, seq, d_model = x.shape
@@ -246,80 +292,106 @@ def sparse_delta(
         return out.view(batch, seq, d_model)
     clamps = site.sparse_enc.shape[1]
     with _device_of(x):
-        _sparse_delta_kernel[(batch * seq,)](
+        _sparse_delta_kernel[(batch, triton.cdiv(seq, _BLOCK_T))](
             flat, out, rows, _bytes(mask), site.add_vec, site.sparse_enc, site.sparse_dec, site.sparse_params,
             seq,
-            d_model=d_model, C=clamps, BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_BLOCK_D, WITH_ADD=with_add,
+            d_model=d_model, C=clamps, WITH_ADD=with_add, DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype),
+            BLOCK_T=_BLOCK_T, BLOCK_C=max(16, triton.next_power_of_2(clamps)), BLOCK_D=_BLOCK_D,
         )
     return out.view(batch, seq, d_model)
 
 
-def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """Full-encode steering of the tokens in ``mask``; equal to ``torch_path._full_path``.
+def full_path(
+    x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState, *, in_place: bool = False
+) -> torch.Tensor:
+    """Full-encode steering of the tokens in ``mask`` whose row is a full row; equal to ``torch_path.full_path``.
 
-    ``x [B, S, D]``, ``rows [B]``, ``mask [B, S]`` bool. For a steered token, with ``f`` the SAE's
-    features (ReLU / JumpReLU / TopK over all ``F``) and ``f'`` after its row's clamps:
+    ``x [B, S, D]``, ``rows [B]``, ``mask [B, S]`` bool. For a full-path token, with ``f`` the
+    SAE's features (ReLU / JumpReLU / TopK over all ``F``) and ``f'`` after its row's clamps:
     Reconstruct rows give ``f' @ W_dec + b_dec``, other rows ``x + (f' - f) @ W_dec``. Other
-    tokens are copied exactly.
+    tokens are left exactly as they are. Returns a new tensor, or with ``in_place`` (for an
+    ``x`` the caller owns) writes the full-path tokens of ``x`` and returns it.
 
     Steps, none of which syncs with the host or sizes anything by the data:
-    1. partition the N tokens on the device: Reconstruct, then other steered, then the rest;
-    2. encode the first ``n_steered`` (gathered by index inside the GEMM) into ``f [N, F]``;
-       TopK keeps the k largest of each row with ``torch.topk`` over the static buffer;
-    3. decode the first ``n_reconstruct`` rows of ``f`` densely;
-    4. per token, add the clamps' ``(f' - f) @ W_dec`` (C decoder rows) and write the output.
-    Scratch is O(N·F) in the model dtype, plus O(N·D) fp32.
+    1. one program lists the full-path tokens on the device: Reconstruct first, then the rest;
+    2. encode those (gathered by index inside the GEMM) into ``f [N, F]``; TopK keeps the k
+       largest of each row with ``torch.topk`` over the static buffer;
+    3. decode the Reconstruct rows of ``f`` densely (split over ``F`` when there are few tokens);
+    4. per full-path token, add the clamps' ``(f' - f) @ W_dec`` (C decoder rows) and write it.
+    Every grid is sized for all N tokens, and tiles past the device-held counts exit at once,
+    so only full-path tokens cost FLOPs. Scratch is O(N·F) in the model dtype, plus O(N·D) fp32.
     """
     _require_triton()
     batch, seq, d_model = x.shape
     n = batch * seq
-    flat = x.reshape(n, d_model).contiguous()  # [N, D]
-    out = torch.empty_like(flat)  # [N, D]
+    out = x if in_place else x.clone()
+    flat = out.view(n, d_model)  # [N, D]
     if n == 0:
-        return out.view(batch, seq, d_model)
+        return out
     d_sae = site.W_enc_t.shape[0]
-    recon = mask & site.reconstruct_row[rows][:, None]  # [B, S]
-    slot, bounds = _partition(mask.reshape(n), recon.reshape(n))  # [N], [3]
-    token = torch.empty_like(slot).scatter_(0, slot, torch.arange(n, device=x.device))  # [N] token in each slot
-    f = torch.empty(n, d_sae, dtype=x.dtype, device=x.device)  # [N, F]; slots >= n_steered stay unused
-    dec = torch.empty(n, d_model, dtype=torch.float32, device=x.device)  # [N, D]; slots >= n_reconstruct unused
-    block_m = min(64, max(16, triton.next_power_of_2(n)))
-    gemm = dict(DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype),
-                BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+    token, bounds = _partition(mask, rows, site)  # [N], [2]
+    block_m = 16 if n <= 16 else 64
+    m_tiles = triton.cdiv(n, block_m)
+    splits = _decode_splits(m_tiles * triton.cdiv(d_model, _BLOCK_N), d_sae, x.device)
+    f = torch.empty(n, d_sae, dtype=x.dtype, device=x.device)  # [N, F]; slots past the count stay unused
+    dec = torch.empty(splits, n, d_model, dtype=torch.float32, device=x.device)  # per split; Reconstruct slots only
+    gemm = dict(DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+                BLOCK_K=_BLOCK_K)
     clamps = site.clamp_idx.shape[1]
     with _device_of(x):
-        _encode_kernel[(triton.cdiv(n, block_m), triton.cdiv(d_sae, _BLOCK_N))](
+        _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
             flat, token, bounds, site.W_enc_t, site.b_enc, site.threshold, f,
             d_model=d_model, d_sae=d_sae, TOPK=site.activation == "topk", **gemm,
         )
         if site.activation == "topk":
             top = f.topk(site.k, dim=1)  # values, indices: [N, k]
             f.zero_().scatter_(1, top.indices, top.values)  # [N, F]
-        _decode_kernel[(triton.cdiv(n, block_m), triton.cdiv(d_model, _BLOCK_N))](
-            f, bounds, site.W_dec, dec, d_model=d_model, d_sae=d_sae, **gemm,
+        _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
+            f, bounds, site.W_dec, dec, n,
+            d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K, **gemm,
         )
         _full_output_kernel[(n,)](
-            flat, out, rows, slot, bounds, f, dec, site.W_dec, site.b_dec,
+            flat, rows, token, bounds, f, dec, site.W_dec, site.b_dec,
             site.clamp_idx, site.clamp_mul, site.clamp_shift,
-            seq,
-            d_model=d_model, d_sae=d_sae, C=clamps, BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_BLOCK_D,
+            seq, n,
+            d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=splits,
+            BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_BLOCK_D,
         )
-    return out.view(batch, seq, d_model)
+    return out
 
 
-def _partition(steered: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable device-side partition of ``N`` tokens into Reconstruct, other steered, unsteered.
+def _partition(mask: torch.Tensor, rows: torch.Tensor, site: SiteState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side list of the full-path tokens: those in ``mask [B, S]`` whose row is a full row.
 
-    ``steered [N]``, ``recon [N]`` bool (``recon`` implies ``steered``). Returns each token's slot
-    ``[N]`` int64 (a permutation of ``0..N-1``) and the group ends ``[3]`` int64:
-    ``(n_reconstruct, n_steered, N)``, left on the device for the kernels to read.
+    Returns ``token [N]`` int64, the token in each slot: Reconstruct tokens first, then the
+    other full-path ones, each group in token order (slots past the count are unwritten), and
+    ``bounds [2]`` int64 = ``(n_reconstruct, n_full)``, left on the device for the kernels to read.
     """
-    groups = torch.stack((recon, steered & ~recon, ~steered), dim=1).long()  # [N, 3] one-hot
-    ranks = groups.cumsum(0)  # [N, 3] inclusive rank within each group
-    ends = ranks[-1].cumsum(0)  # [3]
-    starts = ends - ranks[-1]  # [3]
-    slot = ((starts + ranks - 1) * groups).sum(1)  # [N]
-    return slot, ends
+    batch, seq = mask.shape
+    n = batch * seq
+    token = torch.empty(n, dtype=torch.long, device=mask.device)  # [N]
+    bounds = torch.empty(2, dtype=torch.long, device=mask.device)  # [2]
+    with _device_of(mask):
+        _partition_kernel[(1,)](
+            _bytes(mask), rows, _bytes(site.full_row), _bytes(site.reconstruct_row), token, bounds,
+            n, seq,
+            BLOCK=max(_PARTITION_MIN, triton.next_power_of_2(n)),
+        )
+    return token, bounds
+
+
+def _decode_splits(tiles: int, d_sae: int, device: torch.device) -> int:
+    """How many parts the decode splits ``F`` into: enough programs to fill the GPU when the
+    tokens alone give too few tiles (decode steps), never parts under two GEMM steps."""
+    programs = 2 * _multiprocessors(device)
+    return max(1, min(programs // tiles, d_sae // (2 * _BLOCK_K), 32))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a small GPU, so that the CPU tests split the decode too
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
