@@ -163,6 +163,20 @@ def test_full_path_matches_torch_path(activation: str, dtype: torch.dtype, recon
     assert_matches(actual, full_path(x, rows, mask, state), x, mask)
 
 
+def test_kernels_loop_over_a_wide_hidden_size() -> None:
+    """A hidden size past one chunk of the per-token loops, with a ragged last chunk."""
+    batch, seq, d_in = 2, 17, 520
+    assert triton_sae._block_d(d_in) < d_in
+    state, _, g = build(exact_sae(d_in, 40, "jumprelu", seed=17), torch.bfloat16, batch=batch, seq=seq, clamps=3,
+                        reconstruct=True, seed=18)
+    rows, mask, _ = state.routing.view(batch, seq)
+    x = exact_input(g, batch, seq, d_in, torch.bfloat16)
+    expected = full_path(torch_add_then_sparse(x, state), rows, mask, state)
+    actual = triton_sae.full_path(triton_sae.sparse_delta(x, rows, mask, state, with_add=True), rows, mask, state,
+                                  in_place=True)
+    assert_matches(actual, expected, x, mask)
+
+
 @pytest.mark.parametrize("seq", [1, 20], ids=["decode", "prefill"])
 def test_full_path_splits_a_wide_decode(seq: int) -> None:
     """With few tokens the dense decode is split over F in parts summed in a fixed order;
@@ -325,7 +339,7 @@ for dt in ("fp32", "bf16"):
               dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", rows_ptr="*i64", mask_ptr="*u8", add_vec_ptr=f"*{dt}",
                    enc_ptr=f"*{dt}", dec_ptr=f"*{dt}", params_ptr="*fp32"),
               ["seq"], dict(d_model=2048, C=16, WITH_ADD=with_add, DOT_F32=False, PRECISION=precision,
-                            BLOCK_T=16, BLOCK_C=16, BLOCK_D=128))
+                            BLOCK_T=16, BLOCK_C=16, BLOCK_D=512))
     for topk in (False, True):
         for block_m in (16, 64):
             build(ts._encode_kernel,
@@ -341,5 +355,5 @@ for dt in ("fp32", "bf16"):
           dict(out_ptr=f"*{dt}", rows_ptr="*i64", token_ptr="*i64", bounds_ptr="*i64", f_ptr=f"*{dt}",
                dec_ptr="*fp32", w_dec_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", clamp_idx_ptr="*i64", clamp_mul_ptr="*fp32",
                clamp_shift_ptr="*fp32"),
-          ["seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=128))
+          ["seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=512))
 """

@@ -260,3 +260,19 @@ def test_update_and_release_reroute_assigned_batch_rows(setup) -> None:
     assert_rel_close(got, reference_logits(model, x, saes=saes, steering=[second, None, None, second], prompt_len=0), 1e-5)
     for rid in ("p", "r"):
         steered.slots.release(rid)
+
+
+def test_rows_past_a_shorter_assignment_are_unsteered(setup) -> None:
+    """Batch rows that the latest assignment does not name are unsteered, whatever an earlier,
+    longer assignment put there."""
+    model, saes, steered = setup
+    x = torch.randint(3, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    steering = sc.Steering(sc.Clamp(POST, 2, 4.0), sc.Reconstruct(MID))
+    steered.slots.admit("p", steering, 0)
+    steered.slots.assign(["p"] * BATCH)
+    steered.slots.assign(["p", "p"])
+    with torch.no_grad():
+        got = steered.step(x).logits
+    expected = reference_logits(model, x, saes=saes, steering=[steering, steering, None, None], prompt_len=0)
+    assert_rel_close(got, expected, 1e-5)
+    steered.slots.release("p")

@@ -41,7 +41,7 @@ TRITON_AVAILABLE: bool = triton is not None
 _BLOCK_T = 16  # tokens per sparse-delta program (they share a batch row, so a steering row)
 _BLOCK_N = 64  # output columns per GEMM tile
 _BLOCK_K = 64  # reduction step of the GEMMs
-_BLOCK_D = 128  # width of the loops over the hidden size
+_MAX_BLOCK_D = 512  # widest chunk of the per-token loops over the hidden size: few, wide loads
 _PARTITION_MIN = 128  # smallest block of the one-program partition (it is next_pow2(N) above that)
 
 # The sizes that bound loops (D, F, C) are compile-time constants: they are fixed per site, so
@@ -296,7 +296,7 @@ def sparse_delta(
             flat, out, rows, _bytes(mask), site.add_vec, site.sparse_enc, site.sparse_dec, site.sparse_params,
             seq,
             d_model=d_model, C=clamps, WITH_ADD=with_add, DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype),
-            BLOCK_T=_BLOCK_T, BLOCK_C=max(16, triton.next_power_of_2(clamps)), BLOCK_D=_BLOCK_D,
+            BLOCK_T=_BLOCK_T, BLOCK_C=max(16, triton.next_power_of_2(clamps)), BLOCK_D=_block_d(d_model),
         )
     return out.view(batch, seq, d_model)
 
@@ -355,7 +355,7 @@ def full_path(
             site.clamp_idx, site.clamp_mul, site.clamp_shift,
             seq, n,
             d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=splits,
-            BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_BLOCK_D,
+            BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_block_d(d_model),
         )
     return out
 
@@ -378,6 +378,10 @@ def _partition(mask: torch.Tensor, rows: torch.Tensor, site: SiteState) -> tuple
             BLOCK=max(_PARTITION_MIN, triton.next_power_of_2(n)),
         )
     return token, bounds
+
+
+def _block_d(d_model: int) -> int:
+    return min(_MAX_BLOCK_D, triton.next_power_of_2(d_model))
 
 
 def _decode_splits(tiles: int, d_sae: int, device: torch.device) -> int:
