@@ -10,20 +10,23 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
   c1  compiled, Reconstruct on 1 of the 8 rows
   d   eager HF model + a forward hook doing the same clamp the SAELens way (full encode/decode)
   e   torch.compile of the model with that forward hook
-  f   the bare SAE encode + decode matmuls for the same tokens
+  f   the bare SAE encode + decode matmuls (with their biases) for the same tokens
   f1  the same for one row's tokens: what c1 cannot avoid computing. At decode both f and
       f1 mostly read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about f1/f
 
-Every number is a median over rounds measured in one run: each round times every
-configuration (a block of back-to-back decode steps, or one prefill) in a fresh random
-order, after an untimed call, so the ratios compare like with like. On CUDA the compiled configurations use CUDA graphs
-(mode="reduce-overhead"). Prints a table and writes JSON to benchmarks/results/.
+Everything is measured in one run, in rounds: each round times every configuration (a
+block of back-to-back decode steps, or one prefill) in a fresh random order, after an
+untimed call. Times are medians over rounds; each ratio is the median of that ratio's
+value within each round, so slow drift of the machine (a shared VM) cancels out. On CUDA
+the compiled configurations use CUDA graphs (mode="reduce-overhead"). Prints a table and
+writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -74,6 +77,11 @@ def saelens_hook(sae: sc.SAE) -> Callable:
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     return hook
+
+
+def sae_matmuls(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's arithmetic with nothing else: ``(x @ W_enc + b_enc) @ W_dec + b_dec`` for ``x [n, D]``."""
+    return torch.addmm(sae.b_dec, torch.addmm(sae.b_enc, x, sae.W_enc), sae.W_dec)
 
 
 def block_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
@@ -154,10 +162,9 @@ def run(args: argparse.Namespace) -> dict:
     timings: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
     with torch.no_grad():
         steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
-        steps["decode"]["f"] = lambda: sae.decode(sae.encode(x_dec))
-        steps["prefill"]["f"] = lambda: sae.decode(sae.encode(x_pre))
-        steps["decode"]["f1"] = lambda: sae.decode(sae.encode(x_dec[:1]))
-        steps["prefill"]["f1"] = lambda: sae.decode(sae.encode(x_pre[:1]))
+        for phase, x in (("decode", x_dec), ("prefill", x_pre)):
+            steps[phase]["f"] = functools.partial(sae_matmuls, sae, x.flatten(0, 1))
+            steps[phase]["f1"] = functools.partial(sae_matmuls, sae, x[0])
         for phase, fns in steps.items():
             for name, fn in fns.items():
                 print(f"warming up {phase} {name} ...", flush=True)
@@ -175,7 +182,9 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             profile(steps, args.profile, device)
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
-    return {"medians_ms": medians, "recompiles_during_timing": recompiles}
+    rounds = {phase: [dict(zip(t, ms, strict=True)) for ms in zip(*t.values(), strict=True)] for phase, t in timings.items()}
+    paired = {phase: {key: statistics.median(ratios(r)[key] for r in rs) for key in RATIOS} for phase, rs in rounds.items()}
+    return {"medians_ms": medians, "ratios": paired, "recompiles_during_timing": recompiles}
 
 
 def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str], device: torch.device) -> None:
@@ -197,19 +206,20 @@ def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str],
                 print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
-def ratios(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for phase, m in medians.items():
-        out[phase] = {
-            "b/a": m["b"] / m["a"],
-            "d/b": m["d"] / m["b"],
-            "e/b": m["e"] / m["b"],
-            "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
-            "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
-            "(c1-a)/f1": (m["c1"] - m["a"]) / m["f1"],
-            "f1/f": m["f1"] / m["f"],
-        }
-    return out
+RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c1-a)/(c8-a)", "(c1-a)/f1", "f1/f")
+
+
+def ratios(m: dict[str, float]) -> dict[str, float]:
+    """Every ratio in ``RATIOS``, from one time in ms per configuration."""
+    return {
+        "b/a": m["b"] / m["a"],
+        "d/b": m["d"] / m["b"],
+        "e/b": m["e"] / m["b"],
+        "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
+        "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
+        "(c1-a)/f1": (m["c1"] - m["a"]) / m["f1"],
+        "f1/f": m["f1"] / m["f"],
+    }
 
 
 TARGETS = {
@@ -236,7 +246,6 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG", help="after timing, profile these configurations")
     args = parser.parse_args()
     result = run(args)
-    result["ratios"] = ratios(result["medians_ms"])
     result["machine"] = machine(args.device)
     result["config"] = vars(args)
     print(f"\nmachine: {result['machine']}")

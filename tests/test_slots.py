@@ -161,7 +161,7 @@ def test_hot_swap_without_recompile_and_rollback(setup, monkeypatch: pytest.Monk
             assert not torch.allclose(after, before)
 
             def fail_midway(self, sae):
-                self.W_enc_t.zero_()
+                self.W_enc.zero_()
                 raise RuntimeError("injected failure mid-copy")
 
             monkeypatch.setattr(type(steered._by_name[POST]), "_load_sae", fail_midway)

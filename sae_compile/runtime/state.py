@@ -174,7 +174,7 @@ class SiteState:
     """The SAE and the per-row edit tables of one attached site.
 
     SAE buffers (``F`` features, ``D`` = hidden size, model dtype):
-      ``W_enc_t [F, D]`` (encoder columns as rows, so gathering features is contiguous),
+      ``W_enc [D, F]`` (the SAE's own layout, the fast one for a dense encode on CPU),
       ``b_enc [F]`` (with ``-b_dec @ W_enc`` folded in when the SAE subtracts b_dec from its
       input), ``threshold [F]`` (0 for ReLU), ``W_dec [F, D]``, ``b_dec [D]``.
     Row tables (``R = max_rows + 1``, ``C = max_clamps``); unused slots are all-zero or the
@@ -212,7 +212,7 @@ class SiteState:
         def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        self.W_enc_t, self.b_enc, self.threshold = zeros(f, hidden_size), zeros(f), zeros(f)
+        self.W_enc, self.b_enc, self.threshold = zeros(hidden_size, f), zeros(f), zeros(f)
         self.W_dec, self.b_dec = zeros(f, hidden_size), zeros(hidden_size)
         self.add_vec = zeros(rows, hidden_size)
         self.sparse_enc, self.sparse_dec = zeros(rows, clamps, hidden_size), zeros(rows, clamps, hidden_size)
@@ -290,11 +290,11 @@ class SiteState:
         sparse tables (all zero unless the row is a sparse delta row)."""
         edits = self._edits.get(row, RowEdits())
         n = len(edits.features) if row in self._sparse_rows else 0
-        idx = torch.tensor(edits.features[:n], dtype=torch.long, device=self.W_enc_t.device)
+        idx = torch.tensor(edits.features[:n], dtype=torch.long, device=self.W_enc.device)
         with torch.no_grad():
             for table in (self.sparse_enc[row], self.sparse_dec[row], self.sparse_params[row]):
                 table.zero_()
-            self.sparse_enc[row, :n].copy_(self.W_enc_t[idx])
+            self.sparse_enc[row, :n].copy_(self.W_enc[:, idx].t())
             self.sparse_dec[row, :n].copy_(self.W_dec[idx])
             self.sparse_params[row, 0, :n].copy_(self.b_enc[idx])
             self.sparse_params[row, 1, :n].copy_(self.threshold[idx])
@@ -310,12 +310,13 @@ class SiteState:
             # (x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc)
             b_enc = b_enc - sae.b_dec.double() @ sae.W_enc.double()
         with torch.no_grad():
-            self.W_enc_t[:f].copy_(sae.W_enc.t())
+            self.W_enc[:, :f].copy_(sae.W_enc)
+            self.W_enc[:, f:].zero_()
             self.b_enc[:f].copy_(b_enc)
             self.threshold[:f].copy_(sae.threshold if sae.threshold is not None else torch.zeros(f))
             self.W_dec[:f].copy_(sae.W_dec)
             self.b_dec.copy_(sae.b_dec)
-            for buffer in (self.W_enc_t, self.b_enc, self.threshold, self.W_dec):
+            for buffer in (self.b_enc, self.threshold, self.W_dec):
                 buffer[f:].zero_()
         for row in self._sparse_rows:
             self._gather_sparse(row)
@@ -334,7 +335,7 @@ class SiteState:
             )
         if sae.d_in != self.hidden_size:
             raise ValueError(f"load_sae: the SAE has d_in={sae.d_in} but {self.name} has d_model={self.hidden_size}.")
-        capacity = self.W_enc_t.shape[0]
+        capacity = self.W_enc.shape[1]
         if sae.d_sae > capacity:
             raise ValueError(
                 f"load_sae: the SAE has d_sae={sae.d_sae} but the buffers at {self.name} hold {capacity} features. "
@@ -368,7 +369,7 @@ class SiteState:
         return {f"{self.name}.{n}": getattr(self, n) for n in (*_SAE_BUFFERS, *_ROW_TABLES)}
 
 
-_SAE_BUFFERS = ("W_enc_t", "b_enc", "threshold", "W_dec", "b_dec", "sparse_enc", "sparse_dec", "sparse_params")
+_SAE_BUFFERS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "sparse_enc", "sparse_dec", "sparse_params")
 _ROW_TABLES = ("add_vec", "clamp_idx", "clamp_mul", "clamp_shift", "full_row", "reconstruct_row")
 _REGISTRY: weakref.WeakValueDictionary[str, SiteState] = weakref.WeakValueDictionary()
 

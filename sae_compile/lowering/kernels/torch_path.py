@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...runtime.state import SiteState
 
@@ -62,12 +61,14 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     Works in one ``[n, F]`` buffer, in place: the encode writes it, the activation and the
     clamps edit it, the decode reads it. That is the bare SAE's own memory traffic.
     """
-    f = F.linear(x, site.W_enc_t, site.b_enc)  # [n, F] pre-activations
+    f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
     if site.activation == "topk":
         top = f.relu_().topk(site.k, dim=-1)  # ties break as in SAE.encode: among the ReLU'd values
         f.zero_().scatter_(-1, top.indices, top.values)  # [n, F]
     else:
-        f.masked_fill_(f <= site.threshold, 0.0)  # [n, F] JumpReLU (ReLU: threshold 0)
+        # JumpReLU (ReLU: threshold 0) as a product with a 0/1 float mask: on the CPU, ops that
+        # read or write bool tensors (masked_fill_, where) cost as much as the encode matmul.
+        f.mul_(torch.gt(f, site.threshold, out=torch.empty_like(f)))  # [n, F]
     idx = site.clamp_idx[token_rows]  # [n, C]
     coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
     recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]

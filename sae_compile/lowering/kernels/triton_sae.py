@@ -149,7 +149,7 @@ if TRITON_AVAILABLE:
         TOPK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``f[m] = act(x[token[m]] @ W_enc_t.T + b_enc)`` for slots ``m < bounds[1]`` (the full-path tokens).
+        """``f[m] = act(x[token[m]] @ W_enc + b_enc)`` for slots ``m < bounds[1]`` (the full-path tokens).
 
         For TopK the activation here is only the ReLU; the caller keeps the k largest.
         """
@@ -170,7 +170,7 @@ if TRITON_AVAILABLE:
             k_on = offs_k < d_model
             a = tl.load(x_ptr + token[:, None] * d_model + offs_k[None, :],
                         mask=m_on[:, None] & k_on[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            b = tl.load(w_enc_ptr + offs_n[None, :] * d_model + offs_k[:, None],
+            b = tl.load(w_enc_ptr + offs_k[:, None] * d_sae + offs_n[None, :],
                         mask=k_on[:, None] & n_on[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             if DOT_F32:  # interpreter only, as in _sparse_delta_kernel
                 a = a.to(tl.float32)
@@ -328,7 +328,7 @@ def full_path(
     flat = out.view(n, d_model)  # [N, D]
     if n == 0:
         return out
-    d_sae = site.W_enc_t.shape[0]
+    d_sae = site.W_enc.shape[1]
     token, bounds = _partition(mask, rows, site)  # [N], [2]
     block_m = 16 if n <= 16 else 64
     m_tiles = triton.cdiv(n, block_m)
@@ -340,7 +340,7 @@ def full_path(
     clamps = site.clamp_idx.shape[1]
     with _device_of(x):
         _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
-            flat, token, bounds, site.W_enc_t, site.b_enc, site.threshold, f,
+            flat, token, bounds, site.W_enc, site.b_enc, site.threshold, f,
             d_model=d_model, d_sae=d_sae, TOPK=site.activation == "topk", **gemm,
         )
         if site.activation == "topk":
