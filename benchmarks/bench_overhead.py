@@ -10,9 +10,12 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
   c1  compiled, Reconstruct on 1 of the 8 rows
   d   eager HF model + a forward hook doing the same clamp the SAELens way (full encode/decode)
   e   torch.compile of the model with that forward hook
-  f   the bare SAE encode + decode matmuls (with their biases) for the same tokens
-  f1  the same for one row's tokens: what c1 cannot avoid computing. At decode both f and
-      f1 mostly read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about f1/f
+  f   the bare SAE encode + decode matmuls (with their biases) for the same tokens, alone:
+      called back to back, so the SAE's weights stay in the CPU's cache
+  af  the compiled unsteered step followed by the same matmuls. Inside a step the model's
+      own weights evict the SAE's, so af - a is what the SAE arithmetic costs in a step
+  af1 the same with one row's tokens: what c1 cannot avoid. At decode the matmuls mostly
+      read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about (af1-a)/(af-a)
 
 Everything is measured in one run, in rounds: each round times every configuration (a
 block of back-to-back decode steps, or one prefill) in a fresh random order, after an
@@ -84,6 +87,12 @@ def sae_matmuls(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(sae.b_dec, torch.addmm(sae.b_enc, x, sae.W_enc), sae.W_dec)
 
 
+def then(step: Callable[[], object], fn: Callable[..., object], *args: object) -> object:
+    """``step()``, then ``fn(*args)``."""
+    step()
+    return fn(*args)
+
+
 def block_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
     """Mean time of ``calls`` back-to-back calls: one sample of a block, in ms per call."""
     fn()  # the first call after switching configuration pays for cold caches; not timed
@@ -126,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
     configs["e"] = (torch.compile(hooked_model, mode=mode, dynamic=False), None)
     configs["d"] = (hooked_model, None)
+    configs["af"] = configs["af1"] = (plain, None)  # the SAE matmuls are added below; own decode caches
     prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
     step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
@@ -164,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
         for phase, x in (("decode", x_dec), ("prefill", x_pre)):
             steps[phase]["f"] = functools.partial(sae_matmuls, sae, x.flatten(0, 1))
-            steps[phase]["f1"] = functools.partial(sae_matmuls, sae, x[0])
+            steps[phase]["af"] = functools.partial(then, steps[phase]["af"], sae_matmuls, sae, x.flatten(0, 1))
+            steps[phase]["af1"] = functools.partial(then, steps[phase]["af1"], sae_matmuls, sae, x[0])
         for phase, fns in steps.items():
             for name, fn in fns.items():
                 print(f"warming up {phase} {name} ...", flush=True)
@@ -184,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
     rounds = {phase: [dict(zip(t, ms, strict=True)) for ms in zip(*t.values(), strict=True)] for phase, t in timings.items()}
     paired = {phase: {key: statistics.median(ratios(r)[key] for r in rs) for key in RATIOS} for phase, rs in rounds.items()}
-    return {"medians_ms": medians, "ratios": paired, "recompiles_during_timing": recompiles}
+    return {"medians_ms": medians, "ratios": paired, "rounds_ms": rounds, "recompiles_during_timing": recompiles}
 
 
 def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str], device: torch.device) -> None:
@@ -206,7 +217,7 @@ def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str],
                 print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
-RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c1-a)/(c8-a)", "(c1-a)/f1", "f1/f")
+RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c8-a)/(af-a)", "(c1-a)/(c8-a)", "(af1-a)/(af-a)")
 
 
 def ratios(m: dict[str, float]) -> dict[str, float]:
@@ -216,15 +227,16 @@ def ratios(m: dict[str, float]) -> dict[str, float]:
         "d/b": m["d"] / m["b"],
         "e/b": m["e"] / m["b"],
         "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
+        "(c8-a)/(af-a)": (m["c8"] - m["a"]) / (m["af"] - m["a"]),
         "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
-        "(c1-a)/f1": (m["c1"] - m["a"]) / m["f1"],
-        "f1/f": m["f1"] / m["f"],
+        "(af1-a)/(af-a)": (m["af1"] - m["a"]) / (m["af"] - m["a"]),
     }
 
 
 TARGETS = {
     ("decode", "b/a"): ("<=", 1.03), ("prefill", "b/a"): ("<=", 1.03), ("decode", "d/b"): (">=", 1.5),
     ("decode", "(c8-a)/f"): ("<=", 1.25), ("prefill", "(c8-a)/f"): ("<=", 1.25),
+    ("decode", "(c8-a)/(af-a)"): ("<=", 1.25), ("prefill", "(c8-a)/(af-a)"): ("<=", 1.25),
     ("decode", "(c1-a)/(c8-a)"): ("<=", 0.25), ("prefill", "(c1-a)/(c8-a)"): ("<=", 0.25),
 }
 

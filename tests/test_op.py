@@ -8,6 +8,7 @@ import torch
 
 import sae_compile.lowering.op  # noqa: F401 - registers torch.ops.sae_compile.steer
 from sae_compile import AddVector, Clamp, Reconstruct, Steering
+from sae_compile.lowering.kernels import torch_path
 from sae_compile.runtime.slots import SlotManager
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState, register_site
 from tests.factories import assert_rel_close, random_sae
@@ -89,3 +90,18 @@ def test_fake_impl_under_compile(site: tuple[SiteState, str]) -> None:
     x = torch.randn(1, 4, D)
     fn = torch.compile(lambda t: torch.ops.sae_compile.steer(t, handle) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(x), torch.ops.sae_compile.steer(x, handle) * 2)
+
+
+def test_full_path_works_in_chunks(site: tuple[SiteState, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-path tokens are steered a chunk at a time; chunks that straddle rows, and an
+    unsteered row between steered ones, change nothing."""
+    monkeypatch.setattr(torch_path, "FULL_PATH_CHUNK", 4)
+    state, handle = site
+    recon, clamped = Steering(Reconstruct(SITE)), Steering(Reconstruct(SITE), Clamp(SITE, 2, 3.0))
+    route(state, [recon, None, clamped], seq=5)
+    x = torch.randn(3, 5, D)
+    out = torch.ops.sae_compile.steer(x, handle)
+    for b, steering in ((0, recon), (2, clamped)):
+        expected = apply_steering_at_site(x[b], SITE, steering, state.sae, token_scope_mask("all", 5, 5, None))
+        assert_rel_close(out[b], expected, 1e-5)
+    assert torch.equal(out[1], x[1])

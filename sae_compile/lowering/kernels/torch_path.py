@@ -38,20 +38,29 @@ def sparse_delta(
     return torch.addmm(flat, coef.view(batch * seq, -1).to(x.dtype), dec).view(batch, seq, d)
 
 
+# Tokens per full-path step: bounds the [tokens, F] scratch (a long prefill through a wide
+# SAE would otherwise hold gigabytes) while keeping the matmuls large enough to be efficient.
+FULL_PATH_CHUNK = 256
+
+
 def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: SiteState) -> torch.Tensor:
     """Full-encode steering of the tokens in ``mask [B, S]`` whose row is a full row (Reconstruct,
-    or clamps on a TopK SAE); every other token is copied exactly."""
+    or clamps on a TopK SAE); every other token is copied exactly. Scratch is O(FULL_PATH_CHUNK·F)."""
     batch, seq, d = x.shape
     flat = x.reshape(batch * seq, d)  # [N, D]
     token_rows = rows.repeat_interleave(seq)  # [N]
     token_mask = (mask & site.full_row[rows][:, None]).reshape(-1)  # [N]
+    out = flat.clone()
     if x.is_cuda:
         # No data-dependent sizes on the device: compute every token, keep the steered ones.
-        steered = _full_tokens(flat, token_rows, site)
-        return torch.where(token_mask[:, None], steered, flat).view(batch, seq, d)
+        for start in range(0, batch * seq, FULL_PATH_CHUNK):
+            span = slice(start, start + FULL_PATH_CHUNK)
+            steered = _full_tokens(flat[span], token_rows[span], site)
+            out[span] = torch.where(token_mask[span, None], steered, flat[span])
+        return out.view(batch, seq, d)
     selected = token_mask.nonzero().squeeze(1)  # [n]; a host sync is free on the CPU
-    out = flat.clone()
-    out[selected] = _full_tokens(flat[selected], token_rows[selected], site)
+    for span in selected.split(FULL_PATH_CHUNK):
+        out[span] = _full_tokens(flat[span], token_rows[span], site)
     return out.view(batch, seq, d)
 
 
