@@ -20,9 +20,9 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
 Everything is measured in one run, in rounds: each round times every configuration (a
 block of back-to-back decode steps, or one prefill) in a fresh random order, after an
 untimed call. Times are medians over rounds; each ratio is the median of that ratio's
-value within each round, so slow drift of the machine (a shared VM) cancels out. On CUDA
-the compiled configurations use CUDA graphs (mode="reduce-overhead"). Prints a table and
-writes JSON to benchmarks/results/.
+value within each round, so slow drift of the machine (a shared VM) cancels out, and the
+table adds the quartiles of those values. On CUDA the compiled configurations use CUDA
+graphs (mode="reduce-overhead"). Prints a table and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -194,8 +194,13 @@ def run(args: argparse.Namespace) -> dict:
             profile(steps, args.profile, device)
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
     rounds = {phase: [dict(zip(t, ms, strict=True)) for ms in zip(*t.values(), strict=True)] for phase, t in timings.items()}
-    paired = {phase: {key: statistics.median(ratios(r)[key] for r in rs) for key in RATIOS} for phase, rs in rounds.items()}
-    return {"medians_ms": medians, "ratios": paired, "rounds_ms": rounds, "recompiles_during_timing": recompiles}
+    # Per ratio: the quartiles of its per-round values, so the table shows how far to trust it.
+    quartiles = {phase: {key: statistics.quantiles([ratios(r)[key] for r in rs], n=4) for key in RATIOS}
+                 for phase, rs in rounds.items()}
+    paired = {phase: {key: q[1] for key, q in qs.items()} for phase, qs in quartiles.items()}
+    spread = {phase: {key: [q[0], q[2]] for key, q in qs.items()} for phase, qs in quartiles.items()}
+    return {"medians_ms": medians, "ratios": paired, "ratio_quartiles": spread, "rounds_ms": rounds,
+            "recompiles_during_timing": recompiles}
 
 
 def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str], device: torch.device) -> None:
@@ -264,10 +269,14 @@ def main() -> None:
     print(f"{'config':8}" + "".join(f"{p + ' ms':>14}" for p in result["medians_ms"]))
     for name in result["medians_ms"]["decode"]:
         print(f"{name:8}" + "".join(f"{result['medians_ms'][p][name]:14.3f}" for p in result["medians_ms"]))
-    print(f"\n{'ratio':16}{'decode':>10}{'prefill':>10}   target")
+    print(f"\n{'ratio (median [q1, q3] over rounds)':36}{'decode':>23}{'prefill':>23}   target")
     for key in result["ratios"]["decode"]:
         target = " / ".join(f"{p}: {TARGETS[(p, key)][0]} {TARGETS[(p, key)][1]}" for p in ("decode", "prefill") if (p, key) in TARGETS)
-        print(f"{key:16}{result['ratios']['decode'][key]:10.3f}{result['ratios']['prefill'][key]:10.3f}   {target}")
+        cells = "".join(
+            f"{result['ratios'][p][key]:8.3f} [{result['ratio_quartiles'][p][key][0]:5.2f}, {result['ratio_quartiles'][p][key][1]:5.2f}]"
+            for p in ("decode", "prefill")
+        )
+        print(f"{key:36}{cells}   {target}")
     print(f"recompiles while timing: {result['recompiles_during_timing']}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"overhead_{args.device.split(':')[0]}{'_small' if args.small else ''}.json"
