@@ -50,15 +50,16 @@ def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: Sit
     flat = x.reshape(batch * seq, d)  # [N, D]
     token_rows = rows.repeat_interleave(seq)  # [N]
     token_mask = (mask & site.full_row[rows][:, None]).reshape(-1)  # [N]
-    out = flat.clone()
     if x.is_cuda:
         # No data-dependent sizes on the device: compute every token, keep the steered ones.
+        out = torch.empty_like(flat)
         for start in range(0, batch * seq, FULL_PATH_CHUNK):
             span = slice(start, start + FULL_PATH_CHUNK)
             steered = _full_tokens(flat[span], token_rows[span], site)
             out[span] = torch.where(token_mask[span, None], steered, flat[span])
         return out.view(batch, seq, d)
     selected = token_mask.nonzero().squeeze(1)  # [n]; a host sync is free on the CPU
+    out = flat.clone()
     for span in selected.split(FULL_PATH_CHUNK):
         out[span] = _full_tokens(flat[span], token_rows[span], site)
     return out.view(batch, seq, d)
@@ -68,7 +69,8 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     """Full-path steering of tokens ``x [n, D]`` whose rows are ``token_rows [n]``.
 
     Works in one ``[n, F]`` buffer, in place: the encode writes it, the activation and the
-    clamps edit it, the decode reads it. That is the bare SAE's own memory traffic.
+    clamps edit it, the decode reads it. That is the bare SAE's own memory traffic, plus a
+    ``[n, F]`` mask for JumpReLU.
     """
     f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
     if site.activation == "topk":
