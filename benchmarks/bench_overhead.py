@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
         for phase, x in (("decode", x_dec), ("prefill", x_pre)):
-            steps[phase]["f"] = functools.partial(sae_matmuls, sae, x.flatten(0, 1))
-            steps[phase]["af"] = functools.partial(then, steps[phase]["af"], sae_matmuls, sae, x.flatten(0, 1))
+            tokens = x.flatten(0, 1)  # [B*S, D]
+            steps[phase]["f"] = functools.partial(sae_matmuls, sae, tokens)
+            steps[phase]["af"] = functools.partial(then, steps[phase]["af"], sae_matmuls, sae, tokens)
             steps[phase]["af1"] = functools.partial(then, steps[phase]["af1"], sae_matmuls, sae, x[0])
         for phase, fns in steps.items():
             for name, fn in fns.items():
@@ -195,8 +196,9 @@ def run(args: argparse.Namespace) -> dict:
     medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
     rounds = {phase: [dict(zip(t, ms, strict=True)) for ms in zip(*t.values(), strict=True)] for phase, t in timings.items()}
     # Per ratio: the quartiles of its per-round values, so the table shows how far to trust it.
-    quartiles = {phase: {key: statistics.quantiles([ratios(r)[key] for r in rs], n=4) for key in RATIOS}
-                 for phase, rs in rounds.items()}
+    per_round = {phase: [ratios(r) for r in rs] for phase, rs in rounds.items()}
+    quartiles = {phase: {key: statistics.quantiles([r[key] for r in rs], n=4) for key in RATIOS}
+                 for phase, rs in per_round.items()}
     paired = {phase: {key: q[1] for key, q in qs.items()} for phase, qs in quartiles.items()}
     spread = {phase: {key: [q[0], q[2]] for key, q in qs.items()} for phase, qs in quartiles.items()}
     return {"medians_ms": medians, "ratios": paired, "ratio_quartiles": spread, "rounds_ms": rounds,
