@@ -19,6 +19,22 @@ Activation = Literal["relu", "jumprelu", "topk"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
 
 
+def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` of the ``k`` largest of the non-negative ``f [..., F]``; at a tie on
+    the k-th value, the lower indices win.
+
+    ``torch.topk`` leaves ties to the implementation (its CPU kernels alone differ by size),
+    and a TopK SAE in bf16 ties often. The rule is fixed so that every path, on every
+    device, fires the same features: each value is ranked by a 64-bit key, its float bits
+    (which order non-negative floats as the floats) above its reversed index.
+    """
+    features = f.shape[-1]
+    bits = f.float().view(torch.int32) & 0x7FFFFFFF  # -0.0 ranks as 0.0
+    reversed_index = torch.arange(features - 1, -1, -1, device=f.device)  # [F]
+    keys = (bits.to(torch.int64) << 32) | reversed_index  # [..., F]
+    return keys.topk(k, dim=-1, sorted=False).indices
+
+
 class SAE:
     """A sparse autoencoder with a ReLU, JumpReLU (per-feature threshold) or TopK activation.
 
@@ -119,8 +135,9 @@ class SAE:
             return torch.relu(pre)
         if self.activation == "jumprelu":
             return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
-        top = torch.relu(pre).topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        f = torch.relu(pre)
+        idx = top_k_indices(f, self.k)
+        return torch.zeros_like(pre).scatter(-1, idx, f.gather(-1, idx))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``x_hat [..., d_in]`` of feature activations ``f [..., d_sae]``."""

@@ -70,7 +70,7 @@ def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
     """``f = act((x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc)`` in float64.
 
     act is relu; jumprelu (``pre_i if pre_i > theta_i else 0``, per-feature theta); or topk
-    (keep the k largest entries of ``relu(pre)``, zero the rest).
+    (keep the k largest entries of ``relu(pre)``, the lower index first at a tie; zero the rest).
     """
     w = _sae64(sae, x64.device)
     x64 = x64.to(torch.float64)
@@ -85,7 +85,8 @@ def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
     if sae.activation == "topk":
         assert sae.k is not None
         act = torch.where(pre > 0, pre, zero)
-        idx = act.topk(sae.k, dim=-1).indices
+        # A stable sort keeps equal values in index order, so a tie at the k-th goes to the lower index.
+        idx = act.sort(dim=-1, descending=True, stable=True).indices[..., : sae.k]
         keep = torch.zeros_like(act, dtype=torch.bool).scatter(-1, idx, True)
         return torch.where(keep, act, zero)
     raise ValueError(f"reference: unknown SAE activation {sae.activation!r}")

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from sae_compile import SAE, AddVector, Clamp, Reconstruct, Steering  # noqa: E402
-from sae_compile.lowering.kernels import triton_sae  # noqa: E402
+from sae_compile.lowering.kernels import torch_path, triton_sae  # noqa: E402
 from sae_compile.lowering.kernels.torch_path import full_path, sparse_delta  # noqa: E402
 from sae_compile.runtime.slots import SlotManager  # noqa: E402
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState  # noqa: E402
@@ -161,6 +161,45 @@ def test_full_path_matches_torch_path(activation: str, dtype: torch.dtype, recon
     x = exact_input(g, batch, seq, d_in, dtype)
     actual = triton_sae.full_path(x, rows, mask, state)
     assert_matches(actual, full_path(x, rows, mask, state), x, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d_sae", [72, 1100], ids=["one-step", "ragged-steps"])
+def test_topk_select_keeps_the_k_largest_of_listed_slots(d_sae: int, dtype: torch.dtype) -> None:
+    """Values in quarters, so ties at the k-th are everywhere: the lower feature wins, as in the
+    stable-sort rule of the reference. Slots past the device-held count are never touched."""
+    g = torch.Generator().manual_seed(d_sae)
+    k = 9
+    f = (torch.randint(0, 6, (7, d_sae), generator=g) / 4).to(dtype)  # [7, F]
+    f[1] = 0.0  # every feature ties at 0
+    f[2] = 0.5  # every feature ties at the same positive value
+    f[3, k // 2 :] = 0.0  # fewer positive features than k
+    f[4, 5] = torch.finfo(dtype).max  # the top bits of the key decide
+    kept = f.clone()
+    top = f.float().sort(dim=1, descending=True, stable=True).indices[:, :k]  # [7, k]
+    expected = torch.zeros_like(f).scatter(1, top, f.gather(1, top))  # [7, F]
+    # Chunk 0 of a list of 5 full-path slots (0-4), then the chunk at base 5 holding slots 5-6 past the count.
+    bounds = torch.tensor([0, 5])
+    chunk0, chunk1 = f[:5], f[5:]
+    triton_sae._select_top_k(chunk0, bounds, 0, k)
+    triton_sae._select_top_k(chunk1, bounds, 5, k)
+    assert torch.equal(f[:5], expected[:5])
+    assert torch.equal(f[5:], kept[5:])
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk"])
+def test_full_path_works_in_chunks(activation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of full-path tokens longer than a chunk, with a ragged last chunk, goes through
+    the same chunk-sized scratch chunk by chunk."""
+    monkeypatch.setattr(torch_path, "FULL_PATH_CHUNK", 4)
+    batch, seq, d_in = 3, 14, 40
+    state, _, g = build(exact_sae(d_in, 72, activation, seed=19), torch.float32, batch=batch, seq=seq, clamps=5,
+                        reconstruct=True, seed=20)
+    rows, _, _ = state.routing.view(batch, seq)
+    mask = full_mask(state, batch, seq)
+    assert int(mask.sum()) > 2 * torch_path.FULL_PATH_CHUNK
+    x = exact_input(g, batch, seq, d_in, torch.float32)
+    assert_matches(triton_sae.full_path(x, rows, mask, state), full_path(x, rows, mask, state), x, mask)
 
 
 def test_kernels_loop_over_a_wide_hidden_size() -> None:
@@ -316,7 +355,7 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, cwd=REPO, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["ok"] * 17, result.stdout
+    assert result.stdout.split() == ["ok"] * 20, result.stdout
 
 
 _COMPILE_ALL = """
@@ -324,9 +363,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from sae_compile.lowering.kernels import triton_sae as ts
 
-def build(fn, pointers, scalars, constexprs):
+def build(fn, pointers, scalars, constexprs, num_warps=4):
     signature = {**pointers, **{name: "i32" for name in scalars}, **{name: "constexpr" for name in constexprs}}
-    kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": num_warps})
     # A launch fails past the block's shared-memory limit (227 KiB on Hopper); the compiler alone does not check.
     print("ok" if kernel.metadata.shared <= 227 * 1024 else f"{fn.__name__}:shared={kernel.metadata.shared}")
 
@@ -347,15 +387,18 @@ for dt in ("fp32", "bf16"):
             build(ts._encode_kernel,
                   dict(x_ptr=f"*{dt}", token_ptr="*i64", bounds_ptr="*i64", w_enc_ptr=f"*{dt}", b_enc_ptr=f"*{dt}",
                        threshold_ptr=f"*{dt}", f_ptr=f"*{dt}"),
-                  [], dict(d_model=2048, d_sae=16384, TOPK=topk, DOT_F32=False, PRECISION=precision,
+                  ["chunk_start", "n_slots"], dict(d_model=2048, d_sae=16384, TOPK=topk, DOT_F32=False, PRECISION=precision,
                            BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64))
     build(ts._decode_kernel,
           dict(f_ptr=f"*{dt}", bounds_ptr="*i64", w_dec_ptr=f"*{dt}", dec_ptr="*fp32"),
-          ["n_slots"], dict(d_model=2048, d_sae=16384, K_SPLIT=1024, DOT_F32=False, PRECISION=precision,
+          ["chunk_start", "n_slots"], dict(d_model=2048, d_sae=16384, K_SPLIT=1024, DOT_F32=False, PRECISION=precision,
                             BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
     build(ts._full_output_kernel,
           dict(out_ptr=f"*{dt}", rows_ptr="*i64", token_ptr="*i64", bounds_ptr="*i64", f_ptr=f"*{dt}",
                dec_ptr="*fp32", w_dec_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", clamp_idx_ptr="*i64", clamp_mul_ptr="*fp32",
                clamp_shift_ptr="*fp32"),
-          ["seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=512))
+          ["chunk_start", "seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=512))
+for dt, low_bit in (("fp32", 0), ("bf16", 16), ("fp16", 13)):
+    build(ts._topk_kernel, dict(f_ptr=f"*{dt}", bounds_ptr="*i64"), ["chunk_start"],
+          dict(d_sae=16384, K=64, LOW_BIT=low_bit, BLOCK=ts._TOPK_BLOCK), num_warps=ts._TOPK_WARPS)
 """

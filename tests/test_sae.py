@@ -7,7 +7,7 @@ import torch
 
 from sae_compile import SAE
 from tests.factories import random_sae
-from tests.reference import sae_math
+from tests.reference import sae_encode64, sae_math
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
@@ -26,6 +26,23 @@ def test_topk_keeps_exactly_k_positive_features() -> None:
     f = sae.encode(torch.randn(100, 16))
     assert int((f > 0).sum(-1).max()) <= 5
     assert bool(((f > 0).sum(-1) >= 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("features", [32, 100, 1000, 20000])  # torch.topk's CPU kernels break ties differently by size
+def test_topk_ties_go_to_the_lower_feature_index(features: int, dtype: torch.dtype) -> None:
+    # pre = x * W_enc[0]: 2 on features 1 and 3, 1 on the even features of the upper half, so
+    # with k = 5 the k-th value (1) is tied. An input of 0 makes every feature tie at 0.
+    pattern = torch.zeros(1, features)
+    pattern[0, features // 2 :: 2] = 1.0
+    pattern[0, [1, 3]] = 2.0
+    sae = SAE(pattern, torch.randn(features, 1), activation="topk", k=5).to(dtype=dtype)
+    x = torch.tensor([[1.0], [0.0]])
+    expected = torch.zeros(2, features)
+    expected[0, [1, 3]] = 2.0
+    expected[0, [features // 2, features // 2 + 2, features // 2 + 4]] = 1.0
+    assert torch.equal(sae.encode(x.to(dtype)).float(), expected)
+    assert torch.equal(sae_encode64(sae, x).float(), expected)
 
 
 def test_jumprelu_threshold_is_per_feature() -> None:

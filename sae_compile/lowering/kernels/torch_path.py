@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...runtime.state import SiteState
+from ...sae import top_k_indices
 
 
 def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
@@ -74,8 +75,9 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     """
     f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
     if site.activation == "topk":
-        top = f.relu_().topk(site.k, dim=-1)  # ties break as in SAE.encode: among the ReLU'd values
-        f.zero_().scatter_(-1, top.indices, top.values)  # [n, F]
+        top = top_k_indices(f.relu_(), site.k)  # [n, k]
+        values = f.gather(-1, top)  # [n, k]
+        f.zero_().scatter_(-1, top, values)  # [n, F]
     else:
         # JumpReLU (ReLU: threshold 0) as a product with a 0/1 float mask: on the CPU, ops that
         # read or write bool tensors (masked_fill_, where) cost as much as the encode matmul.

@@ -6,9 +6,11 @@
   decoder rows. O(C·D) per token, no [N, F] buffer. With ``with_add`` it also does the
   additive step first, as ``steer_site`` does.
 - ``full_path``: Reconstruct rows and TopK SAEs. A one-program device-side partition lists the
-  full-path tokens; the encode and decode GEMMs have grids sized for every token, and tiles
-  past the device-held count exit at once, so only those tokens cost FLOPs. It can write in
-  place, so after the sparse kernel no further copy of the unsteered tokens is made.
+  full-path tokens; the encode GEMM, the TopK select, the decode GEMM and the output run over
+  that list in fixed-size chunks, on grids sized for a whole chunk, and tiles past the
+  device-held count exit at once, so only those tokens cost FLOPs and scratch stays O(chunk·F).
+  It can write in place, so after the sparse kernel no further copy of the unsteered tokens
+  is made.
 
 Both follow the op contract (DESIGN §5): no host sync, no data-dependent sizes, launches on
 the current stream, so they can sit inside a captured CUDA graph. Products accumulate in fp32.
@@ -28,6 +30,7 @@ import functools
 import torch
 
 from ...runtime.state import SiteState
+from . import torch_path
 
 try:
     import triton
@@ -43,6 +46,11 @@ _BLOCK_N = 64  # output columns per GEMM tile
 _BLOCK_K = 64  # reduction step of the GEMMs
 _MAX_BLOCK_D = 512  # widest chunk of the per-token loops over the hidden size: few, wide loads
 _PARTITION_MIN = 128  # smallest block of the one-program partition (it is next_pow2(N) above that)
+_TOPK_BLOCK = 512  # features per step of the TopK select, each compared against 16 digits
+_TOPK_WARPS = 8  # for the [_TOPK_BLOCK, 16] comparisons: 32 per thread
+# Lowest bit of a value's fp32 bits that its storage dtype can set (bf16 keeps 7 mantissa bits
+# of fp32's 23, fp16 10): the TopK select never looks below it.
+_LOW_KEY_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
 
 # The sizes that bound loops (D, F, C) are compile-time constants: they are fixed per site, so
 # that costs one compile per site, and the interpreter (Triton 3.6 with NumPy 2) cannot loop to
@@ -145,23 +153,25 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _encode_kernel(
         x_ptr, token_ptr, bounds_ptr, w_enc_ptr, b_enc_ptr, threshold_ptr, f_ptr,
+        chunk_start, n_slots,
         d_model: tl.constexpr, d_sae: tl.constexpr,
         TOPK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``f[m] = act(x[token[m]] @ W_enc + b_enc)`` for slots ``m < bounds[1]`` (the full-path tokens).
+        """``f[m] = act(x[token[chunk_start + m]] @ W_enc + b_enc)`` for the chunk's slots
+        ``chunk_start + m < bounds[1]`` (the full-path tokens).
 
-        For TopK the activation here is only the ReLU; the caller keeps the k largest.
+        For TopK the activation here is only the ReLU; ``_topk_kernel`` keeps the k largest.
         """
         dtype = f_ptr.dtype.element_ty
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        count = tl.load(bounds_ptr + 1)
+        count = tl.minimum(tl.load(bounds_ptr + 1) - chunk_start, n_slots)  # this chunk's full-path slots
         if pid_m * BLOCK_M >= count:
-            return  # the grid covers all N tokens; tiles past the steered ones do nothing
-        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M] slots
+            return  # the grid covers a whole chunk; tiles past the steered tokens do nothing
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M] slots of the chunk
         m_on = offs_m < count
-        token = tl.load(token_ptr + offs_m, mask=m_on, other=0)  # [BLOCK_M] int64
+        token = tl.load(token_ptr + chunk_start + offs_m, mask=m_on, other=0)  # [BLOCK_M] int64
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N] features
         n_on = offs_n < d_sae
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
@@ -186,20 +196,74 @@ if TRITON_AVAILABLE:
         tl.store(f_ptr + offs_m[:, None] * d_sae + offs_n[None, :], f.to(dtype), mask=m_on[:, None] & n_on[None, :])
 
     @triton.jit
+    def _topk_kernel(
+        f_ptr, bounds_ptr,
+        chunk_start,
+        d_sae: tl.constexpr, K: tl.constexpr, LOW_BIT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One program per slot of the chunk: keep the ``K`` largest of the ReLU'd ``f[m]`` in place,
+        zero the rest; at a tie on the K-th value the lower features win (as ``top_k_indices``).
+
+        A radix select on the float bits, which order non-negative floats as the floats: each
+        pass fixes the next 4 bits of the K-th largest key from a 16-bin count of the keys that
+        share its bits so far. Bits below ``LOW_BIT`` are 0 for the storage dtype and never read.
+        """
+        slot = tl.program_id(0)
+        if chunk_start + slot >= tl.load(bounds_ptr + 1):
+            return  # only full-path tokens are selected
+        row = f_ptr + slot.to(tl.int64) * d_sae
+        digits = tl.arange(0, 16)  # [16]
+        kth = tl.full((), 0, tl.int32)  # the K-th largest key, 4 bits a pass from the top
+        want = tl.full((), K, tl.int32)  # how many keys sharing kth's fixed bits are still to take
+        for p in tl.static_range((35 - LOW_BIT) // 4):
+            shift = 28 - 4 * p  # p is a compile-time constant: static_range unrolls the passes
+            counts = tl.zeros((16,), dtype=tl.int32)  # [16] keys per next digit, among the matching
+            for start in range(0, d_sae, BLOCK):
+                offs = start + tl.arange(0, BLOCK)  # [BLOCK] features
+                on = offs < d_sae
+                key = _sort_key(tl.load(row + offs, mask=on, other=0.0))  # [BLOCK] int32
+                # Two shifts: one by 32 would be undefined; the keys' top bit is 0, so this gives 0.
+                match = on & ((key >> shift >> 4) == (kth >> shift >> 4))  # [BLOCK]
+                digit = (key >> shift) & 15  # [BLOCK]
+                hit = match[:, None] & (digit[:, None] == digits[None, :])  # [BLOCK, 16]
+                counts += tl.sum(hit.to(tl.int32), axis=0)
+            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # [16] keys with digit >= d
+            d = tl.max(tl.where(at_least >= want, digits, 0), axis=0)
+            want -= tl.sum(tl.where(digits > d, counts, 0), axis=0)
+            kth = kth | (d << shift)
+        # Keep the keys above kth, and the first ``want`` equal to it in feature order.
+        seen = tl.full((), 0, tl.int32)  # ties met so far
+        for start in range(0, d_sae, BLOCK):
+            offs = start + tl.arange(0, BLOCK)  # [BLOCK] features
+            on = offs < d_sae
+            value = tl.load(row + offs, mask=on, other=0.0)  # [BLOCK] model dtype
+            key = _sort_key(value)
+            tie = on & (key == kth)  # [BLOCK]
+            rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)  # [BLOCK] 1-based among the ties
+            keep = (key > kth) | (tie & (rank <= want))
+            tl.store(row + offs, tl.where(keep, value, tl.zeros_like(value)), mask=on)
+            seen += tl.sum(tie.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _sort_key(value):
+        """Non-negative floats as int32 keys in the same order (-0.0 as 0.0)."""
+        return value.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+    @triton.jit
     def _decode_kernel(
         f_ptr, bounds_ptr, w_dec_ptr, dec_ptr,
-        n_slots,
+        chunk_start, n_slots,
         d_model: tl.constexpr, d_sae: tl.constexpr, K_SPLIT: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """``dec[s, m] = f[m, ks] @ W_dec[ks]`` in fp32, for slots ``m < bounds[0]`` (the Reconstruct
-        tokens), over the ``s``-th ``K_SPLIT`` features ``ks``: split-K partial sums, added up in a
-        fixed order by ``_full_output_kernel`` (deterministic, unlike atomics)."""
+        """``dec[s, m] = f[m, ks] @ W_dec[ks]`` in fp32, for the chunk's slots ``chunk_start + m < bounds[0]``
+        (the Reconstruct tokens), over the ``s``-th ``K_SPLIT`` features ``ks``: split-K partial
+        sums, added up in a fixed order by ``_full_output_kernel`` (deterministic, unlike atomics)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
-        count = tl.load(bounds_ptr)
+        count = tl.minimum(tl.load(bounds_ptr) - chunk_start, n_slots)  # this chunk's Reconstruct slots
         if pid_m * BLOCK_M >= count:
             return  # delta-only tokens need no dense decode: their f' - f lives on C features
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M] slots
@@ -225,17 +289,18 @@ if TRITON_AVAILABLE:
     def _full_output_kernel(
         out_ptr, rows_ptr, token_ptr, bounds_ptr, f_ptr, dec_ptr, w_dec_ptr, b_dec_ptr,
         clamp_idx_ptr, clamp_mul_ptr, clamp_shift_ptr,
-        seq, n_slots,
+        chunk_start, seq, n_slots,
         d_model: tl.constexpr, d_sae: tl.constexpr, C: tl.constexpr, SPLITS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per slot: apply the clamps and overwrite that full-path token (see ``full_path``)."""
+        """One program per slot of the chunk: apply the clamps and overwrite that full-path token
+        (see ``full_path``)."""
         dtype = out_ptr.dtype.element_ty
-        slot = tl.program_id(0).to(tl.int64)
-        if slot >= tl.load(bounds_ptr + 1):
+        slot = tl.program_id(0).to(tl.int64)  # in the chunk; f and dec are per chunk
+        if chunk_start + slot >= tl.load(bounds_ptr + 1):
             return  # tokens off the full path keep what ``out`` already holds
-        recon = slot < tl.load(bounds_ptr)  # Reconstruct tokens come first
-        token = tl.load(token_ptr + slot)
+        recon = chunk_start + slot < tl.load(bounds_ptr)  # Reconstruct tokens come first
+        token = tl.load(token_ptr + chunk_start + slot)
         row = tl.load(rows_ptr + token // seq)
         # Only Reconstruct tokens read the dense decode. (Masks are plain comparisons: some
         # interpreter versions mis-broadcast a scalar bool in `&`.)
@@ -314,12 +379,14 @@ def full_path(
 
     Steps, none of which syncs with the host or sizes anything by the data:
     1. one program lists the full-path tokens on the device: Reconstruct first, then the rest;
-    2. encode those (gathered by index inside the GEMM) into ``f [N, F]``; TopK keeps the k
-       largest of each row with ``torch.topk`` over the static buffer;
+    then, chunk by chunk of ``torch_path.FULL_PATH_CHUNK`` slots of that list:
+    2. encode the chunk's tokens (gathered by index inside the GEMM) into ``f [chunk, F]``;
+       TopK keeps the k largest of each, one program per token;
     3. decode the Reconstruct rows of ``f`` densely (split over ``F`` when there are few tokens);
     4. per full-path token, add the clamps' ``(f' - f) @ W_dec`` (C decoder rows) and write it.
-    Every grid is sized for all N tokens, and tiles past the device-held counts exit at once,
-    so only full-path tokens cost FLOPs. Scratch is O(N·F) in the model dtype, plus O(N·D) fp32.
+    Every grid is sized for a whole chunk, and tiles past the device-held counts exit at once,
+    so only full-path tokens cost FLOPs. Scratch is O(chunk·F) in the model dtype, plus
+    O(chunk·D) fp32, however long the sequence.
     """
     _require_triton()
     batch, seq, d_model = x.shape
@@ -330,34 +397,51 @@ def full_path(
         return out
     d_sae = site.W_enc.shape[1]
     token, bounds = _partition(mask, rows, site)  # [N], [2]
-    block_m = 16 if n <= 16 else 64
-    m_tiles = triton.cdiv(n, block_m)
+    chunk = min(n, torch_path.FULL_PATH_CHUNK)
+    block_m = 16 if chunk <= 16 else 64
+    m_tiles = triton.cdiv(chunk, block_m)
     splits = _decode_splits(m_tiles * triton.cdiv(d_model, _BLOCK_N), d_sae, x.device)
-    f = torch.empty(n, d_sae, dtype=x.dtype, device=x.device)  # [N, F]; slots past the count stay unused
-    dec = torch.empty(splits, n, d_model, dtype=torch.float32, device=x.device)  # per split; Reconstruct slots only
+    f = torch.empty(chunk, d_sae, dtype=x.dtype, device=x.device)  # [chunk, F]; slots past the count stay unused
+    dec = torch.empty(splits, chunk, d_model, dtype=torch.float32, device=x.device)  # per split; Reconstruct slots only
     gemm = dict(DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
                 BLOCK_K=_BLOCK_K)
     clamps = site.clamp_idx.shape[1]
     with _device_of(x):
-        _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
-            flat, token, bounds, site.W_enc, site.b_enc, site.threshold, f,
-            d_model=d_model, d_sae=d_sae, TOPK=site.activation == "topk", **gemm,
-        )
-        if site.activation == "topk":
-            top = f.topk(site.k, dim=1)  # values, indices: [N, k]
-            f.zero_().scatter_(1, top.indices, top.values)  # [N, F]
-        _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
-            f, bounds, site.W_dec, dec, n,
-            d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K, **gemm,
-        )
-        _full_output_kernel[(n,)](
-            flat, rows, token, bounds, f, dec, site.W_dec, site.b_dec,
-            site.clamp_idx, site.clamp_mul, site.clamp_shift,
-            seq, n,
-            d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=splits,
-            BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_block_d(d_model),
-        )
+        # Every chunk is launched (the host does not know the count); empty ones exit at once.
+        for chunk_start in range(0, n, chunk):
+            _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
+                flat, token, bounds, site.W_enc, site.b_enc, site.threshold, f,
+                chunk_start, chunk,
+                d_model=d_model, d_sae=d_sae, TOPK=site.activation == "topk", **gemm,
+            )
+            if site.activation == "topk":
+                _select_top_k(f, bounds, chunk_start, site.k)
+            _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
+                f, bounds, site.W_dec, dec,
+                chunk_start, chunk,
+                d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K,
+                **gemm,
+            )
+            _full_output_kernel[(chunk,)](
+                flat, rows, token, bounds, f, dec, site.W_dec, site.b_dec,
+                site.clamp_idx, site.clamp_mul, site.clamp_shift,
+                chunk_start, seq, chunk,
+                d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=splits,
+                BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_block_d(d_model),
+            )
     return out
+
+
+def _select_top_k(f: torch.Tensor, bounds: torch.Tensor, chunk_start: int, k: int) -> None:
+    """In ``f [chunk, F]`` (ReLU'd features of slots ``chunk_start...``), keep the ``k`` largest of each
+    full-path slot (``chunk_start + m < bounds[1]``) and zero the rest, in place; ties as ``top_k_indices``."""
+    chunk, d_sae = f.shape
+    _topk_kernel[(chunk,)](
+        f, bounds,
+        chunk_start,
+        d_sae=d_sae, K=k, LOW_BIT=_LOW_KEY_BIT[f.dtype], BLOCK=min(_TOPK_BLOCK, triton.next_power_of_2(d_sae)),
+        num_warps=_TOPK_WARPS,
+    )
 
 
 def _partition(mask: torch.Tensor, rows: torch.Tensor, site: SiteState) -> tuple[torch.Tensor, torch.Tensor]:
