@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_overhead.py"
 #: Errors that mean "the user's input is wrong"; anything else is a bug and keeps its traceback.
 #: OSError rather than only FileNotFoundError: transformers raises it for an unreadable checkpoint.
-USER_ERRORS = (ValueError, TypeError, OSError)
+#: Not TypeError: the library raises it for a wrongly typed argument, and here the CLI builds
+#: every argument itself, so one would be a bug in the CLI.
+USER_ERRORS = (ValueError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +102,7 @@ def _parse_clamp(text: str) -> sc.Clamp:
         raise syntax from None
     try:
         return sc.Clamp(site, index, number, mode or "set")
-    except (ValueError, TypeError) as err:
+    except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
@@ -214,7 +216,7 @@ def _load_vector(file: Path) -> torch.Tensor:
     if suffix in (".pt", ".pth"):
         vector = torch.load(file, map_location="cpu", weights_only=True)
         if not isinstance(vector, torch.Tensor):
-            raise TypeError(f"{file} holds a {type(vector).__name__}, not a tensor; --add-vector needs a 1-D tensor.")
+            raise ValueError(f"{file} holds a {type(vector).__name__}, not a tensor; --add-vector needs a 1-D tensor.")
         return vector
     raise ValueError(f"{file}: unsupported vector file type {suffix!r}; use .pt, .pth, .safetensors or .npy.")
 
