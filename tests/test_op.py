@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sae_compile.lowering.op  # noqa: F401 - registers torch.ops.sae_compile.steer
-from sae_compile import AddVector, Clamp, Reconstruct, Steering
+from sae_compile import SAE, AddVector, Clamp, Reconstruct, Steering
 from sae_compile.lowering.kernels import torch_path
 from sae_compile.runtime.slots import SlotManager
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState, register_site
@@ -90,6 +90,27 @@ def test_fake_impl_under_compile(site: tuple[SiteState, str]) -> None:
     x = torch.randn(1, 4, D)
     fn = torch.compile(lambda t: torch.ops.sae_compile.steer(t, handle) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(x), torch.ops.sae_compile.steer(x, handle) * 2)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0], ids=["dense", "sparse"])
+def test_decode_reads_only_the_used_rows_alike(share: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sparse SAE (few features over their threshold, as trained ones): decoding over the
+    used features' rows only, or over all of them, gives the reference."""
+    monkeypatch.setattr(torch_path, "SPARSE_DECODE_MAX_SHARE", share)
+    sae = random_sae(D, 64, "jumprelu", seed=4)
+    sae = SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation="jumprelu", threshold=torch.full((64,), 2.5))
+    handle = f"test_op_sparse_decode_{share}"
+    state = make_site(sae, handle)
+    recon, clamped = Steering(Reconstruct(SITE)), Steering(Reconstruct(SITE), Clamp(SITE, 2, 3.0))
+    route(state, [recon, None, clamped], seq=5)
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(5))
+    used = (sae.encode(x).abs().amax((0, 1)) > 0).sum()
+    assert 0 < used < 64 // 4  # both settings are a real choice
+    out = torch.ops.sae_compile.steer(x, handle)
+    for b, steering in ((0, recon), (2, clamped)):
+        expected = apply_steering_at_site(x[b], SITE, steering, state.sae, token_scope_mask("all", 5, 5, None))
+        assert_rel_close(out[b], expected, 1e-5)
+    assert torch.equal(out[1], x[1])
 
 
 def test_full_path_works_in_chunks(site: tuple[SiteState, str], monkeypatch: pytest.MonkeyPatch) -> None:

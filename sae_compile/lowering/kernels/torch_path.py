@@ -71,7 +71,7 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
 
     Works in one ``[n, F]`` buffer, in place: the encode writes it, the activation and the
     clamps edit it, the decode reads it. That is the bare SAE's own memory traffic, plus a
-    ``[n, F]`` mask for JumpReLU.
+    ``[n, F]`` mask for JumpReLU; on the CPU the decode may read fewer rows (``_decode``).
     """
     f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
     if site.activation == "topk":
@@ -88,5 +88,23 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     # Reconstruct tokens decode f' = f + (f' - f); the others decode only f' - f and keep x.
     f.mul_(recon)
     f.scatter_add_(1, idx, coef.to(f.dtype))  # [n, F]
-    decoded = f @ site.W_dec  # [n, D]
+    decoded = _decode(f, site.W_dec)  # [n, D]
     return torch.where(recon, decoded + site.b_dec, x + decoded)
+
+
+# A decode reads only the decoder rows of the features its tokens use when at most this share
+# of the features is used. A trained SAE fires tens of features per token, so a decode step's
+# few tokens use a few percent of them; past about this share, gathering the rows costs more
+# than reading them all.
+SPARSE_DECODE_MAX_SHARE = 1 / 8
+
+
+def _decode(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``f @ W_dec`` for ``f [n, F]``. On the CPU, when few features are non-zero in any token,
+    over only those features' rows: the terms it leaves out are exact zeros."""
+    if f.is_cuda or f.shape[0] == 0:
+        return f @ W_dec  # choosing would need the count on the host; no token, nothing to choose
+    used = f.abs().amax(0).nonzero().squeeze(1)  # [u] features some token uses
+    if used.numel() > SPARSE_DECODE_MAX_SHARE * f.shape[1]:
+        return f @ W_dec
+    return f.index_select(1, used) @ W_dec.index_select(0, used)  # [n, u] @ [u, D]; faster than [used] here
