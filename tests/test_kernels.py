@@ -178,13 +178,14 @@ def test_topk_select_keeps_the_k_largest_of_listed_slots(d_sae: int, dtype: torc
     kept = f.clone()
     top = f.float().sort(dim=1, descending=True, stable=True).indices[:, :k]  # [7, k]
     expected = torch.zeros_like(f).scatter(1, top, f.gather(1, top))  # [7, F]
-    # Chunk 0 of a list of 5 full-path slots (0-4), then the chunk at base 5 holding slots 5-6 past the count.
+    # Chunk 0 of a list of 5 full-path slots (0-4), then the chunk at 5 holding slots 5-6 past the count.
     bounds = torch.tensor([0, 5])
-    chunk0, chunk1 = f[:5], f[5:]
-    triton_sae._select_top_k(chunk0, bounds, 0, k)
-    triton_sae._select_top_k(chunk1, bounds, 5, k)
+    listed = torch.full((7, k), -1, dtype=torch.int32)  # [7, k]
+    triton_sae._select_top_k(f[:5], listed[:5], bounds, 0)
+    triton_sae._select_top_k(f[5:], listed[5:], bounds, 5)
     assert torch.equal(f[:5], expected[:5])
-    assert torch.equal(f[5:], kept[5:])
+    assert torch.equal(listed[:5].long(), top[:5].sort(dim=1).values)  # the kept features, in feature order
+    assert torch.equal(f[5:], kept[5:]) and bool((listed[5:] == -1).all())
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
@@ -355,7 +356,7 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, cwd=REPO, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["ok"] * 20, result.stdout
+    assert result.stdout.split() == ["ok"] * 23, result.stdout
 
 
 _COMPILE_ALL = """
@@ -399,6 +400,9 @@ for dt in ("fp32", "bf16"):
                clamp_shift_ptr="*fp32"),
           ["chunk_start", "seq", "n_slots"], dict(d_model=2048, d_sae=16384, C=5, SPLITS=4, BLOCK_C=8, BLOCK_D=512))
 for dt, low_bit in (("fp32", 0), ("bf16", 16), ("fp16", 13)):
-    build(ts._topk_kernel, dict(f_ptr=f"*{dt}", bounds_ptr="*i64"), ["chunk_start"],
+    build(ts._topk_kernel, dict(f_ptr=f"*{dt}", idx_ptr="*i32", bounds_ptr="*i64"), ["chunk_start"],
           dict(d_sae=16384, K=64, LOW_BIT=low_bit, BLOCK=ts._TOPK_BLOCK), num_warps=ts._TOPK_WARPS)
+    build(ts._gather_decode_kernel,
+          dict(f_ptr=f"*{dt}", idx_ptr="*i32", bounds_ptr="*i64", w_dec_ptr=f"*{dt}", dec_ptr="*fp32"), ["chunk_start"],
+          dict(d_model=2048, d_sae=16384, K=64, BLOCK_J=ts._GATHER_BLOCK_J, BLOCK_D=ts._GATHER_BLOCK_D))
 """

@@ -9,6 +9,7 @@
   full-path tokens; the encode GEMM, the TopK select, the decode GEMM and the output run over
   that list in fixed-size chunks, on grids sized for a whole chunk, and tiles past the
   device-held count exit at once, so only those tokens cost FLOPs and scratch stays O(chunk·F).
+  A TopK token's decode reads only its k decoder rows.
   It can write in place, so after the sparse kernel no further copy of the unsteered tokens
   is made.
 
@@ -48,6 +49,8 @@ _MAX_BLOCK_D = 512  # widest chunk of the per-token loops over the hidden size: 
 _PARTITION_MIN = 128  # smallest block of the one-program partition (it is next_pow2(N) above that)
 _TOPK_BLOCK = 512  # features per step of the TopK select, each compared against 16 digits
 _TOPK_WARPS = 8  # for the [_TOPK_BLOCK, 16] comparisons: 32 per thread
+_GATHER_BLOCK_J = 16  # decoder rows per step of the TopK decode
+_GATHER_BLOCK_D = 128  # hidden dims per TopK-decode program: enough programs for a few tokens
 # Lowest bit of a value's fp32 bits that its storage dtype can set (bf16 keeps 7 mantissa bits
 # of fp32's 23, fp16 10): the TopK select never looks below it.
 _LOW_KEY_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
@@ -197,12 +200,13 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _topk_kernel(
-        f_ptr, bounds_ptr,
+        f_ptr, idx_ptr, bounds_ptr,
         chunk_start,
         d_sae: tl.constexpr, K: tl.constexpr, LOW_BIT: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One program per slot of the chunk: keep the ``K`` largest of the ReLU'd ``f[m]`` in place,
-        zero the rest; at a tie on the K-th value the lower features win (as ``top_k_indices``).
+        zero the rest, and list the kept features in ``idx[m]`` in feature order; at a tie on the
+        K-th value the lower features win (as ``top_k_indices``).
 
         A radix select on the float bits, which order non-negative floats as the floats: each
         pass fixes the next 4 bits of the K-th largest key from a 16-bin count of the keys that
@@ -212,6 +216,7 @@ if TRITON_AVAILABLE:
         if chunk_start + slot >= tl.load(bounds_ptr + 1):
             return  # only full-path tokens are selected
         row = f_ptr + slot.to(tl.int64) * d_sae
+        kept_row = idx_ptr + slot.to(tl.int64) * K
         digits = tl.arange(0, 16)  # [16]
         kth = tl.full((), 0, tl.int32)  # the K-th largest key, 4 bits a pass from the top
         want = tl.full((), K, tl.int32)  # how many keys sharing kth's fixed bits are still to take
@@ -231,8 +236,9 @@ if TRITON_AVAILABLE:
             d = tl.max(tl.where(at_least >= want, digits, 0), axis=0)
             want -= tl.sum(tl.where(digits > d, counts, 0), axis=0)
             kth = kth | (d << shift)
-        # Keep the keys above kth, and the first ``want`` equal to it in feature order.
+        # Keep the keys above kth, and the first ``want`` equal to it in feature order: K in all.
         seen = tl.full((), 0, tl.int32)  # ties met so far
+        taken = tl.full((), 0, tl.int32)  # features kept so far
         for start in range(0, d_sae, BLOCK):
             offs = start + tl.arange(0, BLOCK)  # [BLOCK] features
             on = offs < d_sae
@@ -240,14 +246,42 @@ if TRITON_AVAILABLE:
             key = _sort_key(value)
             tie = on & (key == kth)  # [BLOCK]
             rank = seen + tl.cumsum(tie.to(tl.int32), axis=0)  # [BLOCK] 1-based among the ties
-            keep = (key > kth) | (tie & (rank <= want))
+            keep = (key > kth) | (tie & (rank <= want))  # [BLOCK]; off lanes have key 0, never above
             tl.store(row + offs, tl.where(keep, value, tl.zeros_like(value)), mask=on)
+            position = taken + tl.cumsum(keep.to(tl.int32), axis=0) - 1  # [BLOCK] in idx[m]
+            tl.store(kept_row + position, offs, mask=keep)
             seen += tl.sum(tie.to(tl.int32), axis=0)
+            taken += tl.sum(keep.to(tl.int32), axis=0)
 
     @triton.jit
     def _sort_key(value):
         """Non-negative floats as int32 keys in the same order (-0.0 as 0.0)."""
         return value.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+    @triton.jit
+    def _gather_decode_kernel(
+        f_ptr, idx_ptr, bounds_ptr, w_dec_ptr, dec_ptr,
+        chunk_start,
+        d_model: tl.constexpr, d_sae: tl.constexpr, K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """``dec[0, m] = sum_j f[m, idx[m, j]] * W_dec[idx[m, j]]`` in fp32 for the chunk's slots
+        ``chunk_start + m < bounds[0]`` (the Reconstruct tokens): a TopK token's decode reads only
+        the K decoder rows it uses, not all F."""
+        slot = tl.program_id(0).to(tl.int64)
+        if chunk_start + slot >= tl.load(bounds_ptr):
+            return  # delta-only tokens need no decode of f
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D] hidden dims
+        d_on = offs_d < d_model
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)  # [BLOCK_D]
+        for j0 in range(0, K, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+            j_on = offs_j < K
+            feat = tl.load(idx_ptr + slot * K + offs_j, mask=j_on, other=0).to(tl.int64)  # [BLOCK_J]
+            value = tl.load(f_ptr + slot * d_sae + feat, mask=j_on, other=0.0).to(tl.float32)  # [BLOCK_J]
+            w = tl.load(w_dec_ptr + feat[:, None] * d_model + offs_d[None, :],
+                        mask=j_on[:, None] & d_on[None, :], other=0.0)  # [BLOCK_J, BLOCK_D]
+            acc += tl.sum(value[:, None] * w.to(tl.float32), axis=0)
+        tl.store(dec_ptr + slot * d_model + offs_d, acc, mask=d_on)
 
     @triton.jit
     def _decode_kernel(
@@ -381,8 +415,9 @@ def full_path(
     1. one program lists the full-path tokens on the device: Reconstruct first, then the rest;
     then, chunk by chunk of ``torch_path.FULL_PATH_CHUNK`` slots of that list:
     2. encode the chunk's tokens (gathered by index inside the GEMM) into ``f [chunk, F]``;
-       TopK keeps the k largest of each, one program per token;
-    3. decode the Reconstruct rows of ``f`` densely (split over ``F`` when there are few tokens);
+       TopK keeps the k largest of each, one program per token, and lists them;
+    3. decode the Reconstruct rows of ``f``: TopK from its k listed decoder rows, the others
+       densely (split over ``F`` when there are few tokens);
     4. per full-path token, add the clamps' ``(f' - f) @ W_dec`` (C decoder rows) and write it.
     Every grid is sized for a whole chunk, and tiles past the device-held counts exit at once,
     so only full-path tokens cost FLOPs. Scratch is O(chunk·F) in the model dtype, plus
@@ -400,8 +435,11 @@ def full_path(
     chunk = min(n, torch_path.FULL_PATH_CHUNK)
     block_m = 16 if chunk <= 16 else 64
     m_tiles = triton.cdiv(chunk, block_m)
-    splits = _decode_splits(m_tiles * triton.cdiv(d_model, _BLOCK_N), d_sae, x.device)
+    topk = site.activation == "topk"
+    # A TopK token's decode gathers its K rows in one part; the others split a dense GEMM over F.
+    splits = 1 if topk else _decode_splits(m_tiles * triton.cdiv(d_model, _BLOCK_N), d_sae, x.device)
     f = torch.empty(chunk, d_sae, dtype=x.dtype, device=x.device)  # [chunk, F]; slots past the count stay unused
+    kept = torch.empty(chunk, site.k, dtype=torch.int32, device=x.device) if topk else None  # [chunk, k]
     dec = torch.empty(splits, chunk, d_model, dtype=torch.float32, device=x.device)  # per split; Reconstruct slots only
     gemm = dict(DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
                 BLOCK_K=_BLOCK_K)
@@ -412,16 +450,22 @@ def full_path(
             _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
                 flat, token, bounds, site.W_enc, site.b_enc, site.threshold, f,
                 chunk_start, chunk,
-                d_model=d_model, d_sae=d_sae, TOPK=site.activation == "topk", **gemm,
+                d_model=d_model, d_sae=d_sae, TOPK=topk, **gemm,
             )
-            if site.activation == "topk":
-                _select_top_k(f, bounds, chunk_start, site.k)
-            _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
-                f, bounds, site.W_dec, dec,
-                chunk_start, chunk,
-                d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K,
-                **gemm,
-            )
+            if topk:
+                _select_top_k(f, kept, bounds, chunk_start)
+                _gather_decode_kernel[(chunk, triton.cdiv(d_model, _GATHER_BLOCK_D))](
+                    f, kept, bounds, site.W_dec, dec,
+                    chunk_start,
+                    d_model=d_model, d_sae=d_sae, K=site.k, BLOCK_J=_GATHER_BLOCK_J, BLOCK_D=_GATHER_BLOCK_D,
+                )
+            else:
+                _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
+                    f, bounds, site.W_dec, dec,
+                    chunk_start, chunk,
+                    d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K,
+                    **gemm,
+                )
             _full_output_kernel[(chunk,)](
                 flat, rows, token, bounds, f, dec, site.W_dec, site.b_dec,
                 site.clamp_idx, site.clamp_mul, site.clamp_shift,
@@ -432,14 +476,15 @@ def full_path(
     return out
 
 
-def _select_top_k(f: torch.Tensor, bounds: torch.Tensor, chunk_start: int, k: int) -> None:
+def _select_top_k(f: torch.Tensor, kept: torch.Tensor, bounds: torch.Tensor, chunk_start: int) -> None:
     """In ``f [chunk, F]`` (ReLU'd features of slots ``chunk_start...``), keep the ``k`` largest of each
-    full-path slot (``chunk_start + m < bounds[1]``) and zero the rest, in place; ties as ``top_k_indices``."""
+    full-path slot (``chunk_start + m < bounds[1]``) and zero the rest, in place, and write their
+    features to ``kept [chunk, k]`` int32 in feature order; ties as ``top_k_indices``."""
     chunk, d_sae = f.shape
     _topk_kernel[(chunk,)](
-        f, bounds,
+        f, kept, bounds,
         chunk_start,
-        d_sae=d_sae, K=k, LOW_BIT=_LOW_KEY_BIT[f.dtype], BLOCK=min(_TOPK_BLOCK, triton.next_power_of_2(d_sae)),
+        d_sae=d_sae, K=kept.shape[1], LOW_BIT=_LOW_KEY_BIT[f.dtype], BLOCK=min(_TOPK_BLOCK, triton.next_power_of_2(d_sae)),
         num_warps=_TOPK_WARPS,
     )
 
