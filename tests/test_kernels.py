@@ -136,7 +136,7 @@ def test_sparse_delta_matches_torch_path(activation: str, dtype: torch.dtype, wi
     state, _, g = build(exact_sae(d_in, 72, activation, seed=1), dtype, batch=batch, seq=seq, clamps=5,
                         reconstruct=False, seed=2)
     rows, mask, weight = state.routing.view(batch, seq)
-    assert mask.any() and state.live_paths(batch).sparse is not None
+    assert mask.any() and state.live_paths(batch).sparse
     x = exact_input(g, batch, seq, d_in, dtype)
     if with_add:
         expected = torch_add_then_sparse(x, state)

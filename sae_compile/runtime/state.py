@@ -69,11 +69,20 @@ class RoutingState:
         self._prompt_lens: tuple[int, ...] = ()
         self._version = 0
         self._routed: tuple | None = None
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a ``[batch, seq]`` forward: rows ``[B]``, token mask ``[B, S]`` and weight ``[B, S]``."""
-        n = batch * seq
-        return self.batch_rows[:batch], self.token_mask[:n].view(batch, seq), self.token_weight[:n].view(batch, seq)
+        """For a ``[batch, seq]`` forward: rows ``[B]``, token mask ``[B, S]`` and weight ``[B, S]``.
+
+        Views of the static buffers, made once per shape: inside a step every tensor op the
+        steering op runs costs several times what it costs in a loop of its own.
+        """
+        views = self._views.get((batch, seq))
+        if views is None:
+            n = batch * seq
+            views = self.batch_rows[:batch], self.token_mask[:n].view(batch, seq), self.token_weight[:n].view(batch, seq)
+            self._views[(batch, seq)] = views
+        return views
 
     @property
     def version(self) -> int:
@@ -159,14 +168,10 @@ class RowEdits:
 
 @dataclass(frozen=True)
 class Paths:
-    """Which steering paths a forward runs at one site (see ``kernels.steer``).
-
-    ``sparse`` is the contiguous range of steering rows whose sparse tables are read
-    (``None``: the sparse delta path does not run).
-    """
+    """Which steering paths a forward runs at one site (see ``kernels.steer``)."""
 
     add: bool
-    sparse: slice | None
+    sparse: bool
     full: bool
 
 
@@ -247,14 +252,12 @@ class SiteState:
         key = (self.routing.version, self._version, batch)
         if self._paths is None or self._paths[0] != key:
             rows = set(self.routing.assigned_rows(batch))
-            sparse = rows & self._sparse_rows
-            span = slice(min(sparse), max(sparse) + 1) if sparse else None
-            self._paths = (key, Paths(bool(rows & self._add_rows), span, bool(rows & self._full_rows)))
+            self._paths = (key, Paths(*(bool(rows & kind) for kind in (self._add_rows, self._sparse_rows, self._full_rows))))
         return self._paths[1]
 
     def capture_paths(self) -> Paths:
         """Every path a later replay of a captured graph may need, whatever rows it is given."""
-        return Paths(add=True, sparse=slice(None) if self.elementwise else None, full=self.d_sae > 0)
+        return Paths(add=True, sparse=self.elementwise, full=self.d_sae > 0)
 
     def max_feature(self) -> int:
         """The largest feature index any live row clamps (-1 if none)."""

@@ -31,13 +31,13 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     paths = site.capture_paths() if capturing else site.live_paths(batch)
     fused = x.is_cuda and triton_sae.TRITON_AVAILABLE
     out = x
-    if fused and paths.sparse is not None:
+    if fused and paths.sparse:
         out = triton_sae.sparse_delta(out, rows, mask, site, with_add=paths.add)
     else:
         if paths.add:
             out = torch_path.add_vector(out, rows, weight, site)
-        if paths.sparse is not None:
-            out = torch_path.sparse_delta(out, rows, weight, site, paths.sparse)
+        if paths.sparse:
+            out = torch_path.sparse_delta(out, rows, weight, site)
     if paths.full and fused:
         out = triton_sae.full_path(out, rows, mask, site, in_place=out is not x)
     elif paths.full:

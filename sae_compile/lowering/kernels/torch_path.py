@@ -13,30 +13,21 @@ def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: 
     return torch.addcmul(x, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
 
 
-def sparse_delta(
-    x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState, span: slice = slice(None)
-) -> torch.Tensor:
-    """``x + sum_c coef_c * dec_c`` over each row's (pre-gathered) clamped features.
+def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """``x + sum_c coef_c * sparse_dec[r, c]`` over the (pre-gathered) clamped features ``c``
+    of each batch row's steering row ``r``.
 
-    ``span`` is a contiguous range of steering rows that holds every row this batch uses
-    with sparse edits (default: all rows). Its tables are read in place, as ``K = rows x C``
-    feature columns shared by the whole batch; each token keeps only its own row's columns.
-    Unused slots and other rows' columns get ``coef`` exactly 0, as do unsteered tokens
-    (``weight`` 0), so those tokens come back unchanged.
+    ``coef_c = shift_c + f_c * (mul_c - 1)`` with ``f_c = JumpReLU(x @ sparse_enc[r, c] + b_enc_c)``.
+    Unused slots, rows that are not sparse delta rows (all-zero tables) and unsteered tokens
+    (``weight`` 0) get ``coef`` exactly 0, so those tokens come back unchanged.
     """
-    batch, seq, d = x.shape
-    first, stop, _ = span.indices(site.sparse_enc.shape[0])
-    enc = site.sparse_enc[first:stop].flatten(0, 1)  # [K, D], a view
-    dec = site.sparse_dec[first:stop].flatten(0, 1)  # [K, D], a view
-    params = site.sparse_params[first:stop].transpose(0, 1).flatten(1)  # [4, K]: b_enc, threshold, mul - 1, shift
-    clamps = site.sparse_enc.shape[1]
-    column_row = torch.arange(first, stop, device=x.device).repeat_interleave(clamps)  # [K]
-    own = (rows[:, None] == column_row).to(weight.dtype)[:, None, :] * weight[..., None]  # [B, S, K]
-    flat = x.reshape(batch * seq, d)  # [N, D]
-    pre = (flat @ enc.t()).float().view(batch, seq, -1) + params[0]  # [B, S, K]
-    f = pre * (pre > params[1])  # [B, S, K] JumpReLU (ReLU: threshold 0)
-    coef = torch.addcmul(params[3], f, params[2]) * own  # [B, S, K] = f' - f on the token's own row
-    return torch.addmm(flat, coef.view(batch * seq, -1).to(x.dtype), dec).view(batch, seq, d)
+    enc = site.sparse_enc.index_select(0, rows)  # [B, C, D]
+    dec = site.sparse_dec.index_select(0, rows)  # [B, C, D]
+    b_enc, threshold, mul_m1, shift = site.sparse_params.index_select(0, rows)[:, :, None, :].unbind(1)  # [B, 1, C] each
+    pre = torch.bmm(x, enc.transpose(1, 2)).float() + b_enc  # [B, S, C]; x @ enc at model precision
+    f = pre * (pre > threshold)  # [B, S, C] JumpReLU (ReLU: threshold 0)
+    coef = torch.addcmul(shift, f, mul_m1) * weight[..., None]  # [B, S, C] = f' - f on steered tokens
+    return torch.baddbmm(x, coef.to(x.dtype), dec)  # [B, S, D]
 
 
 # Tokens per full-path step: bounds the [tokens, F] scratch (a long prefill through a wide
