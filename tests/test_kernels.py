@@ -32,6 +32,7 @@ triton = pytest.importorskip("triton")
 
 from sae_compile import SAE, AddVector, Clamp, Reconstruct, Steering  # noqa: E402
 from sae_compile.lowering.kernels import torch_path, triton_sae  # noqa: E402
+from sae_compile.lowering.kernels.steer import steer_site  # noqa: E402
 from sae_compile.lowering.kernels.torch_path import full_path, sparse_delta  # noqa: E402
 from sae_compile.runtime.slots import SlotManager  # noqa: E402
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState  # noqa: E402
@@ -306,6 +307,19 @@ def test_kernels_match_torch_path_on_gpu(activation: str, dtype: torch.dtype) ->
     assert steered.any()
     actual = triton_sae.full_path(x, rows, steered, state)
     assert_matches(actual, full_path(x, rows, steered, state), x, steered)
+
+
+@pytest.mark.cuda
+def test_float64_on_gpu_takes_the_torch_path() -> None:
+    """The kernels take fp32/bf16/fp16; a float64 model is steered by the torch path instead."""
+    batch, seq, d_in = 3, 5, 40
+    state, _, g = build(exact_sae(d_in, 72, "topk", seed=21), torch.float64, batch=batch, seq=seq, clamps=5,
+                        reconstruct=True, seed=22, device="cuda")
+    rows, mask, _ = state.routing.view(batch, seq)
+    x = exact_input(g, batch, seq, d_in, torch.float64, "cuda")
+    steered = full_mask(state, batch, seq)
+    assert torch.float64 not in triton_sae.DTYPES
+    assert torch.equal(steer_site(x, state), full_path(torch_add_then_sparse(x, state), rows, steered, state))
 
 
 @pytest.mark.cuda

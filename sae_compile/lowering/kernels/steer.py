@@ -29,7 +29,7 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     # every path a later replay may need, so under capture all of them run.
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     paths = site.capture_paths() if capturing else site.live_paths(batch)
-    fused = x.is_cuda and triton_sae.TRITON_AVAILABLE
+    fused = x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
     out = x
     if fused and paths.sparse:
         out = triton_sae.sparse_delta(out, rows, mask, site, with_add=paths.add)

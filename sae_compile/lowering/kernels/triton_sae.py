@@ -54,6 +54,8 @@ _GATHER_BLOCK_D = 128  # hidden dims per TopK-decode program: enough programs fo
 # Lowest bit of a value's fp32 bits that its storage dtype can set (bf16 keeps 7 mantissa bits
 # of fp32's 23, fp16 10): the TopK select never looks below it.
 _LOW_KEY_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
+#: Model dtypes the kernels take; others (float64) go to the torch path.
+DTYPES: frozenset[torch.dtype] = frozenset(_LOW_KEY_BIT)
 
 # The sizes that bound loops (D, F, C) are compile-time constants: they are fixed per site, so
 # that costs one compile per site, and the interpreter (Triton 3.6 with NumPy 2) cannot loop to
