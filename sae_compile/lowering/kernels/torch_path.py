@@ -88,13 +88,16 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
 # few tokens use a few percent of them; past about this share, gathering the rows costs more
 # than reading them all.
 SPARSE_DECODE_MAX_SHARE = 1 / 8
+# Only this many tokens are checked: many more use most features, and the check (a pass over
+# the [n, F] features) would then cost a few percent of the decode for nothing.
+SPARSE_DECODE_MAX_TOKENS = 64
 
 
 def _decode(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """``f @ W_dec`` for ``f [n, F]``. On the CPU, when few features are non-zero in any token,
-    over only those features' rows: the terms it leaves out are exact zeros."""
-    if f.is_cuda or f.shape[0] == 0:
-        return f @ W_dec  # choosing would need the count on the host; no token, nothing to choose
+    """``f @ W_dec`` for ``f [n, F]``. On the CPU, for a few tokens that use few features between
+    them, over only those features' rows: the terms it leaves out are exact zeros."""
+    if f.is_cuda or not 0 < f.shape[0] <= SPARSE_DECODE_MAX_TOKENS:
+        return f @ W_dec  # on CUDA, choosing would need the count on the host
     used = f.abs().amax(0).nonzero().squeeze(1)  # [u] features some token uses
     if used.numel() > SPARSE_DECODE_MAX_SHARE * f.shape[1]:
         return f @ W_dec
