@@ -42,14 +42,18 @@ def sparse_sae(l0: int, x: torch.Tensor) -> sc.SAE:
                   threshold=torch.full((sae.d_sae,), float(theta)), hook_name=SITE)
 
 
+def bare_site(sae: sc.SAE, capacity: Capacity, dtype: torch.dtype, device: torch.device) -> tuple[SiteState, SlotManager]:
+    """One steering site holding ``sae`` and its slots, without a model: for timing the op alone."""
+    site = SiteState(SITE, sae.d_in, sae, capacity, RoutingState(capacity, dtype, device), dtype, device)
+    return site, SlotManager({SITE: site}, site.routing, lambda name: name)
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     x_pre = torch.randn(BATCH, PREFILL, 512)  # [B, S, D]
     sae = sparse_sae(args.l0, x_pre)
-    cpu = torch.device("cpu")
     capacity = Capacity(max_rows=2, max_clamps=1, max_batch=BATCH, max_tokens=BATCH * PREFILL)
-    site = SiteState(SITE, sae.d_in, sae, capacity, RoutingState(capacity, torch.float32, cpu), torch.float32, cpu)
-    slots = SlotManager({SITE: site}, site.routing, lambda name: name)
+    site, slots = bare_site(sae, capacity, torch.float32, torch.device("cpu"))
     slots.admit("recon", sc.Steering(sc.Reconstruct(SITE)), 0)
     phases = {"decode": (x_pre[:, :1].contiguous(), args.block), "prefill": (x_pre, 1)}
     decodes = {"used rows": torch_path.SPARSE_DECODE_MAX_SHARE, "every row": 0.0}
