@@ -29,6 +29,12 @@ def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
     (which order non-negative floats as the floats) above its reversed index.
     """
     features = f.shape[-1]
+    if not f.is_cuda and k < features:
+        # torch.topk picks the rule's features unless a tie straddles the k-th place; on the
+        # CPU checking that costs no sync, and skips the keys, which are 4x slower to rank.
+        top = f.topk(k + 1, dim=-1)
+        if not bool((top.values[..., k - 1] == top.values[..., k]).any()):
+            return top.indices[..., :k]
     bits = f.float().view(torch.int32) & 0x7FFFFFFF  # -0.0 ranks as 0.0
     reversed_index = torch.arange(features - 1, -1, -1, device=f.device)  # [F]
     keys = (bits.to(torch.int64) << 32) | reversed_index  # [..., F]
