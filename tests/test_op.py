@@ -84,6 +84,27 @@ def test_site_math_matches_reference(site: tuple[SiteState, str], edits: list) -
     assert torch.equal(out[1], x[1])
 
 
+def test_topk_ties_follow_the_reference() -> None:
+    """Quarter-valued weights and inputs in {-1, 0, 1} make every pre-activation exact, so ties
+    at the k-th value are common and the same in fp32 and in the fp64 reference: the op must
+    keep the lower features, as the reference does."""
+    g = torch.Generator().manual_seed(6)
+    W_enc = torch.randint(-1, 2, (D, 48), generator=g) / 4  # [D, F]
+    sae = SAE(W_enc, torch.randn(48, D, generator=g), activation="topk", k=5)
+    handle = "test_op_topk_ties"
+    state = make_site(sae, handle)
+    steering = Steering(Reconstruct(SITE))
+    route(state, [steering, steering], seq=8)
+    x = torch.randint(-1, 2, (2, 8, D), generator=g).float()  # [B, S, D]
+    pre = x @ W_enc
+    kth = pre.relu().sort(dim=-1, descending=True).values[..., 4:6]  # [B, S, 2]: the k-th and next
+    assert (kth[..., 0] == kth[..., 1]).any()  # some token ties across the cut
+    out = torch.ops.sae_compile.steer(x, handle)
+    for b in range(2):
+        expected = apply_steering_at_site(x[b], SITE, steering, sae, token_scope_mask("all", 8, 8, None))
+        assert_rel_close(out[b], expected, 1e-5)
+
+
 def test_fake_impl_under_compile(site: tuple[SiteState, str]) -> None:
     state, handle = site
     route(state, [Steering(Clamp(SITE, 1, 1.0))], seq=4)
