@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     # Triton picks the interpreter when it is first imported, so this must come before that.
@@ -187,6 +189,28 @@ def test_topk_select_keeps_the_k_largest_of_listed_slots(d_sae: int, dtype: torc
     assert torch.equal(f[:5], expected[:5])
     assert torch.equal(listed[:5].long(), top[:5].sort(dim=1).values)  # the kept features, in feature order
     assert torch.equal(f[5:], kept[5:]) and bool((listed[5:] == -1).all())
+
+
+@given(
+    features=st.integers(1, 700), k_share=st.floats(0.0, 1.0), rows=st.integers(1, 4), ties=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16),
+)
+def test_topk_select_property(features: int, k_share: float, rows: int, ties: bool, dtype: torch.dtype,
+                              seed: int) -> None:
+    """Any width (within one block or over several, ragged), any k from 1 to every feature,
+    values with heavy ties or none: the select keeps the stable-sort rule's features."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, round(k_share * features))
+    if ties:
+        f = (torch.randint(0, 4, (rows, features), generator=g) / 4).to(dtype)  # [rows, F]
+    else:
+        f = torch.rand(rows, features, generator=g).to(dtype)  # [rows, F]; bf16 may still tie
+    top = f.float().sort(dim=1, descending=True, stable=True).indices[:, :k]  # [rows, k]
+    expected = torch.zeros_like(f).scatter(1, top, f.gather(1, top))
+    listed = torch.empty(rows, k, dtype=torch.int32)
+    triton_sae._select_top_k(f, listed, torch.tensor([0, rows]), 0)
+    assert torch.equal(f, expected)
+    assert torch.equal(listed.long(), top.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "topk"])
