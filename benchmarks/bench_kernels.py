@@ -19,19 +19,17 @@ nothing. Prints a table and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 
-from bench_overhead import SITE, block_ms  # noqa: E402
+from bench_overhead import SITE, block_ms, machine, save  # noqa: E402
 from bench_sparse_decode import bare_site  # noqa: E402
 
 import sae_compile as sc  # noqa: E402
@@ -39,7 +37,6 @@ from sae_compile.lowering.kernels import torch_path, triton_sae  # noqa: E402
 from sae_compile.runtime.capture import capture  # noqa: E402
 from sae_compile.runtime.state import Capacity, SiteState  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 8
 
 
@@ -106,8 +103,7 @@ def run(args: argparse.Namespace) -> dict:
             rounds.append({key: block_ms(calls[key], args.block, sync) for key in order.sample(keys, len(keys))})
     names = sorted({name for name, _ in keys})
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
-        "dtype": str(dtype), "torch": torch.__version__,
+        "machine": machine(device.type), "dtype": str(dtype),
         "medians_ms": {f"{name} {impl}": statistics.median(r[(name, impl)] for r in rounds) for name, impl in keys},
         "ratios_triton_over_torch": {name: statistics.median(r[(name, "triton")] / r[(name, "torch")] for r in rounds)
                                      for name in names},
@@ -124,15 +120,12 @@ def main() -> None:
     if not (torch.cuda.is_available() or args.small):
         parser.error("this benchmark needs a GPU; --small runs a smoke test of it on the CPU")
     result = run(args)
-    print(f"device: {result['device']}, {result['dtype']}")
+    print(f"machine: {result['machine']}, {result['dtype']}")
     print(f"{'case':34}{'triton ms':>12}{'torch ms':>12}{'ratio':>10}")
     for name, ratio in result["ratios_triton_over_torch"].items():
         triton_ms, torch_ms = (result["medians_ms"][f"{name} {impl}"] for impl in ("triton", "torch"))
         print(f"{name:34}{triton_ms:12.4f}{torch_ms:12.4f}{ratio:10.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"kernels_{'cuda' if torch.cuda.is_available() else 'cpu'}{'_small' if args.small else ''}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(result, f"kernels_{'cuda' if torch.cuda.is_available() else 'cpu'}{'_small' if args.small else ''}")
 
 
 if __name__ == "__main__":

@@ -280,8 +280,13 @@ def main() -> None:
         )
         print(f"{key:36}{cells}   {target}")
     print(f"recompiles while timing: {result['recompiles_during_timing']}")
+    save(result, f"overhead_{args.device.split(':')[0]}{'_small' if args.small else ''}")
+
+
+def save(result: dict, name: str) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` and say where."""
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"overhead_{args.device.split(':')[0]}{'_small' if args.small else ''}.json"
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -13,14 +13,11 @@ per-round values. Prints a table and writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
-from pathlib import Path
 
 import torch
-from bench_overhead import SITE, block_ms, build
+from bench_overhead import SITE, block_ms, build, machine, save
 
 import sae_compile as sc
 from sae_compile.lowering.kernels import torch_path
@@ -28,7 +25,6 @@ from sae_compile.lowering.kernels.steer import steer_site
 from sae_compile.runtime.slots import SlotManager
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, PREFILL = 8, 128
 CONFIGS = {"c8": ["recon"] * BATCH, "c1": ["recon"] + [None] * (BATCH - 1)}
 
@@ -91,16 +87,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20, help="decode calls per timed block")
     args = parser.parse_args()
     result = run(args)
-    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
+    result["machine"] = machine("cpu")
     print(f"active features: {result['active_features']}")
     print(f"{'case':32}{'used rows ms':>14}{'every row ms':>14}{'ratio':>8}")
     for case, ratio in result["ratios_used_over_every"].items():
         used, every = (result["medians_ms"][f"{case} {d}"] for d in ("used rows", "every row"))
         print(f"{case:32}{used:14.3f}{every:14.3f}{ratio:8.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "sparse_decode_cpu.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(result, "sparse_decode_cpu")
 
 
 if __name__ == "__main__":

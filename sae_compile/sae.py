@@ -41,6 +41,20 @@ def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
     return keys.topk(k, dim=-1, sorted=False).indices
 
 
+def keep_top_k_(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero all but the ``k`` largest of the non-negative ``f [..., F]`` (ties as ``top_k_indices``), in place."""
+    top = top_k_indices(f, k)  # [..., k]
+    values = f.gather(-1, top)  # [..., k]
+    return f.zero_().scatter_(-1, top, values)
+
+
+def jumprelu_(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``pre_i if pre_i > threshold_i else 0``, in place. A product with a 0/1 mask, as SAELens
+    computes it: on the CPU, ops that read or write bool tensors (``where``, ``masked_fill_``)
+    cost about as much as the encode matmul itself."""
+    return pre.mul_(torch.gt(pre, threshold, out=torch.empty_like(pre)))
+
+
 class SAE:
     """A sparse autoencoder with a ReLU, JumpReLU (per-feature threshold) or TopK activation.
 
@@ -140,12 +154,8 @@ class SAE:
         if self.activation == "relu":
             return torch.relu(pre)
         if self.activation == "jumprelu":
-            # A product with the 0/1 mask, as SAELens computes it: on the CPU, where() costs
-            # about as much as the encode matmul itself.
-            return pre.mul_(torch.gt(pre, self.threshold, out=torch.empty_like(pre)))
-        f = torch.relu(pre)
-        idx = top_k_indices(f, self.k)
-        return torch.zeros_like(pre).scatter(-1, idx, f.gather(-1, idx))
+            return jumprelu_(pre, self.threshold)
+        return keep_top_k_(pre.relu_(), self.k)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``x_hat [..., d_in]`` of feature activations ``f [..., d_sae]``."""

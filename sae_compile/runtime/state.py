@@ -69,20 +69,20 @@ class RoutingState:
         self._prompt_lens: tuple[int, ...] = ()
         self._version = 0
         self._routed: tuple | None = None
-        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._views: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a ``[batch, seq]`` forward: rows ``[B]``, token mask ``[B, S]`` and weight ``[B, S]``.
 
-        Views of the static buffers, made once per shape: inside a step every tensor op the
-        steering op runs costs several times what it costs in a loop of its own.
+        Views of the static buffers, kept for the last shape (a decode loop repeats one): inside
+        a step every tensor op the steering op runs costs several times what it costs in a
+        loop of its own.
         """
-        views = self._views.get((batch, seq))
-        if views is None:
+        if self._views is None or self._views[0] != (batch, seq):
             n = batch * seq
             views = self.batch_rows[:batch], self.token_mask[:n].view(batch, seq), self.token_weight[:n].view(batch, seq)
-            self._views[(batch, seq)] = views
-        return views
+            self._views = ((batch, seq), views)
+        return self._views[1]
 
     @property
     def version(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...runtime.state import SiteState
-from ...sae import top_k_indices
+from ...sae import jumprelu_, keep_top_k_
 
 
 def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
@@ -66,13 +66,9 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     """
     f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
     if site.activation == "topk":
-        top = top_k_indices(f.relu_(), site.k)  # [n, k]
-        values = f.gather(-1, top)  # [n, k]
-        f.zero_().scatter_(-1, top, values)  # [n, F]
+        keep_top_k_(f.relu_(), site.k)  # [n, F]
     else:
-        # JumpReLU (ReLU: threshold 0) as a product with a 0/1 float mask: on the CPU, ops that
-        # read or write bool tensors (masked_fill_, where) cost as much as the encode matmul.
-        f.mul_(torch.gt(f, site.threshold, out=torch.empty_like(f)))  # [n, F]
+        jumprelu_(f, site.threshold)  # [n, F] (ReLU: threshold 0)
     idx = site.clamp_idx[token_rows]  # [n, C]
     coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
     recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]
