@@ -56,6 +56,8 @@ class Site:
 
 
 _CANONICAL = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
+# Name heuristics for the branch children (see ``_branch_children``): HF has no common
+# base class or attribute name for a layer's attention and MLP modules.
 _ATTENTION_NAMES = ("attention", "attn")
 _MLP_NAMES = ("mlp", "feedforward", "feed_forward", "ffn", "moe", "experts")
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add)
@@ -114,6 +116,16 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
             f"{type(model).__name__} has no input embedding (get_input_embeddings()); "
             "sae_compile needs an HF decoder language model to find its hidden size."
         )
+    stack_path, stack = _layer_stack(model)
+    layer_paths = tuple(f"{stack_path}.{i}" for i in range(len(stack)))
+    branches = [_branch_children(path, layer) for path, layer in zip(layer_paths, stack, strict=True)]
+    attn_paths = tuple(attn for attn, _ in branches)
+    mlp_paths = tuple(mlp for _, mlp in branches)
+    return DecoderLayout(tuple(stack), layer_paths, attn_paths, mlp_paths, embeddings.embedding_dim)
+
+
+def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and ``ModuleList`` of the decoder layers (see ``decoder_layout``)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -132,28 +144,45 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
             f"Found {len(stack)} blocks at {stack_path!r} but config.num_hidden_layers is {expected}; "
             "cannot tell which ModuleList holds the decoder layers."
         )
-    layer_paths = tuple(f"{stack_path}.{i}" for i in range(len(stack)))
-    attn_paths, mlp_paths = [], []
-    for path, layer in zip(layer_paths, stack, strict=True):
-        attn_paths.append(_branch_child(path, layer, _ATTENTION_NAMES))
-        mlp_paths.append(_branch_child(path, layer, _MLP_NAMES))
-    return DecoderLayout(tuple(stack), layer_paths, tuple(attn_paths), tuple(mlp_paths), embeddings.embedding_dim)
+    return stack_path, stack
 
 
-def _branch_child(layer_path: str, layer: nn.Module, words: tuple[str, ...]) -> str | None:
-    """The child implementing a branch: matched on its class name first (``LlamaAttention``,
-    ``GPT2MLP``), then on its attribute name, never a norm or dropout wrapper."""
+def _branch_children(layer_path: str, layer: nn.Module) -> tuple[str | None, str | None]:
+    """The paths of a layer's (attention, MLP) children, ``None`` where there is none.
+
+    A child is matched on its class name first (``LlamaAttention``, ``GPT2MLP``), then on
+    its attribute name, and is never a norm or dropout wrapper. Models name these modules
+    freely, so a name heuristic is unavoidable here; a wrong match costs sites, not wrong
+    ones, because ``find_site_nodes`` names a branch only where the graph has its shape.
+    """
     children = [
         (name, type(child).__name__.lower())
         for name, child in layer.named_children()
         if not any(skip in type(child).__name__.lower() for skip in ("norm", "dropout"))
     ]
+    attn = _first_match(children, _ATTENTION_NAMES)
+    # MoE models put the MLP words into attention class names too (``OlmoeAttention``
+    # contains "moe"): whatever reads as attention is never the MLP.
+    mlp_candidates = [child for child in children if not any(_matches(label, _ATTENTION_NAMES) for label in child)]
+    mlp = _first_match(mlp_candidates, _MLP_NAMES)
+    return (
+        None if attn is None else f"{layer_path}.{attn}",
+        None if mlp is None else f"{layer_path}.{mlp}",
+    )
+
+
+def _first_match(children: list[tuple[str, str]], words: tuple[str, ...]) -> str | None:
+    """The attribute name of the first ``(attribute, class)`` child whose class name, or
+    failing any such child, whose attribute name contains one of ``words``."""
     for label_index in (1, 0):
         for child in children:
-            label = child[label_index].lower()
-            if any(word in label for word in words):
-                return f"{layer_path}.{child[0]}"
+            if _matches(child[label_index], words):
+                return child[0]
     return None
+
+
+def _matches(label: str, words: tuple[str, ...]) -> bool:
+    return any(word in label.lower() for word in words)
 
 
 def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) -> dict[Site, SiteNode]:
@@ -202,6 +231,30 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "add"
 
 
+@dataclass(frozen=True, eq=False)
+class _LayerScope:
+    """The FX nodes traced inside one decoder layer, with the module scopes of each."""
+
+    nodes: frozenset[fx.Node]  # every node whose module stack holds the layer
+    direct: frozenset[fx.Node]  # those in no branch module: where residual adds can sit
+    scopes: dict[fx.Node, frozenset[int]]  # node -> ids of the modules active at it
+    branch_ids: dict[str, frozenset[int]]  # "attn" / "mlp" -> ids of that branch's subtree
+
+
+@dataclass(frozen=True)
+class _ResidualChain:
+    """A layer's residual stream: resid_pre, then one add per branch contribution."""
+
+    resid_pre: fx.Node
+    adds: tuple[fx.Node, ...]  # forward order; adds[-1] is resid_post
+    contributions: tuple[fx.Node, ...]  # contributions[i]: what adds[i] adds to the stream
+
+    @property
+    def stop(self) -> frozenset[fx.Node]:
+        """The chain's own nodes: a walk back from a contribution stops at them."""
+        return frozenset(self.adds) | {self.resid_pre}
+
+
 def _layer_sites(
     scopes: dict[fx.Node, frozenset[int]],
     layer_idx: int,
@@ -209,80 +262,107 @@ def _layer_sites(
     branch_ids: dict[str, frozenset[int]],
     hidden_size: int,
 ) -> dict[Site, SiteNode]:
-    inside = {node for node, ids in scopes.items() if layer_id in ids}
-    if not inside:
+    """The sites of decoder layer ``layer_idx``, or none if its residual chain cannot be traced."""
+    layer = _layer_scope(scopes, layer_id, branch_ids)
+    resid_post = _resid_post(layer, hidden_size)
+    if resid_post is None:
         return {}
-    escaping = [
-        node for node in inside
-        if _is_residual_tensor(node, hidden_size) and any(user not in inside for user in node.users)
-    ]
-    if len(escaping) != 1:
+    chain = _residual_chain(resid_post, layer)
+    if chain is None or not _is_residual_tensor(chain.resid_pre, hidden_size):
         return {}
-    resid_post = escaping[0]
-    # The layer's own scope, not a child's: residual adds sit directly in the block.
-    direct = {node for node in inside if not any(i in scopes[node] for ids in branch_ids.values() for i in ids)}
+    labels = tuple(_branch_label(c, layer, chain.stop) for c in chain.contributions)
+    return _site_map(layer_idx, layer, chain, labels)
 
-    chain: list[fx.Node] = []
+
+def _layer_scope(
+    scopes: dict[fx.Node, frozenset[int]], layer_id: int, branch_ids: dict[str, frozenset[int]]
+) -> _LayerScope:
+    nodes = frozenset(node for node, ids in scopes.items() if layer_id in ids)
+    in_branch = frozenset().union(*branch_ids.values())
+    direct = frozenset(node for node in nodes if not scopes[node] & in_branch)
+    return _LayerScope(nodes, direct, scopes, branch_ids)
+
+
+def _resid_post(layer: _LayerScope, hidden_size: int) -> fx.Node | None:
+    """The one residual-shaped value the layer hands on, or None if there is not exactly one."""
+    escaping = [
+        node for node in layer.nodes
+        if _is_residual_tensor(node, hidden_size) and any(user not in layer.nodes for user in node.users)
+    ]
+    return escaping[0] if len(escaping) == 1 else None
+
+
+def _residual_chain(resid_post: fx.Node, layer: _LayerScope) -> _ResidualChain | None:
+    """Walk back from resid_post through residual adds to the value the layer received.
+
+    None if a step on the way is not a layer-scope add with exactly one residual operand.
+    """
+    adds: list[fx.Node] = []
     contributions: list[fx.Node] = []
     node = resid_post
-    while node in inside:
-        if not (_is_add(node) and node in direct):
-            return {}
-        operands = [a for a in node.args if isinstance(a, fx.Node)]
-        residual = [a for a in operands if _on_chain(a, inside, direct)]
-        if len(operands) != 2 or len(residual) != 1:
-            return {}
-        chain.append(node)
-        contributions.append(operands[0] if operands[1] is residual[0] else operands[1])
-        node = residual[0]
-    resid_pre = node
-    if not _is_residual_tensor(resid_pre, hidden_size):
-        return {}
-    chain.reverse()
-    contributions.reverse()
+    while node in layer.nodes:
+        step = _chain_step(node, layer)
+        if step is None:
+            return None
+        adds.append(node)
+        node, contribution = step
+        contributions.append(contribution)
+    return _ResidualChain(node, tuple(reversed(adds)), tuple(reversed(contributions)))
 
-    stop = set(chain) | {resid_pre}
-    labels = [_branch_label(c, inside, stop, scopes, branch_ids) for c in contributions]
-    layer_users = frozenset(user for user in resid_pre.users if user in inside)
+
+def _chain_step(node: fx.Node, layer: _LayerScope) -> tuple[fx.Node, fx.Node] | None:
+    """``(residual operand, contribution)`` of a residual add, or None if ``node`` is not one."""
+    if not (_is_add(node) and node in layer.direct):
+        return None
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    residual = [a for a in operands if _on_chain(a, layer)]
+    if len(operands) != 2 or len(residual) != 1:
+        return None
+    contribution = operands[0] if operands[1] is residual[0] else operands[1]
+    return residual[0], contribution
+
+
+def _on_chain(node: fx.Node, layer: _LayerScope) -> bool:
+    """True if ``node`` carries the residual stream: produced outside the layer, or a
+    layer-scope add one of whose operands carries it. (A parallel ``attn + mlp`` sum
+    does not: both its operands come from branch modules.)"""
+    if node not in layer.nodes:
+        return True
+    if not (_is_add(node) and node in layer.direct):
+        return False
+    return any(_on_chain(a, layer) for a in node.args if isinstance(a, fx.Node))
+
+
+def _site_map(
+    layer_idx: int, layer: _LayerScope, chain: _ResidualChain, labels: tuple[str | None, ...]
+) -> dict[Site, SiteNode]:
+    """Name the chain's nodes as sites. resid_pre and resid_post always exist; the branch
+    sites only for the two layer shapes we recognise, sequential attention-then-MLP and
+    one parallel ``attn + mlp`` add (which has no resid_mid)."""
+    # Only the layer's own users read the steered resid_pre, as under a forward pre-hook.
+    layer_users = frozenset(user for user in chain.resid_pre.users if user in layer.nodes)
     sites = {
-        Site(layer_idx, SiteKind.RESID_PRE): SiteNode(resid_pre, layer_users),
-        Site(layer_idx, SiteKind.RESID_POST): SiteNode(resid_post),
+        Site(layer_idx, SiteKind.RESID_PRE): SiteNode(chain.resid_pre, layer_users),
+        Site(layer_idx, SiteKind.RESID_POST): SiteNode(chain.adds[-1]),
     }
-    if labels == ["attn", "mlp"]:
-        sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(contributions[0])
-        sites[Site(layer_idx, SiteKind.RESID_MID)] = SiteNode(chain[0])
-        sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(contributions[1])
-    elif labels == ["both"]:
-        parts = _split_parallel(contributions[0], inside, stop, scopes, branch_ids)
+    if labels == ("attn", "mlp"):
+        sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(chain.contributions[0])
+        sites[Site(layer_idx, SiteKind.RESID_MID)] = SiteNode(chain.adds[0])
+        sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(chain.contributions[1])
+    elif labels == ("both",):
+        parts = _split_parallel(chain.contributions[0], layer, chain.stop)
         if parts is not None:
             sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(parts[0])
             sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(parts[1])
     return sites
 
 
-def _on_chain(node: fx.Node, inside: set[fx.Node], direct: set[fx.Node]) -> bool:
-    """True if ``node`` carries the residual stream: produced outside the layer, or a
-    layer-scope add one of whose operands carries it. (A parallel ``attn + mlp`` sum
-    does not: both its operands come from branch modules.)"""
-    if node not in inside:
-        return True
-    if not (_is_add(node) and node in direct):
-        return False
-    return any(_on_chain(a, inside, direct) for a in node.args if isinstance(a, fx.Node))
-
-
-def _branch_label(
-    contribution: fx.Node,
-    inside: set[fx.Node],
-    stop: set[fx.Node],
-    scopes: dict[fx.Node, frozenset[int]],
-    branch_ids: dict[str, frozenset[int]],
-) -> str | None:
+def _branch_label(contribution: fx.Node, layer: _LayerScope, stop: frozenset[fx.Node]) -> str | None:
     """Which branch modules computed ``contribution``: "attn", "mlp", "both" (a parallel
     block adds their sum in one step), or None (neither: not a branch output)."""
     touched = set()
-    for node in _branch_nodes(contribution, inside, stop):
-        touched.update(name for name, ids in branch_ids.items() if scopes[node] & ids)
+    for node in _branch_nodes(contribution, layer.nodes, stop):
+        touched.update(name for name, ids in layer.branch_ids.items() if layer.scopes[node] & ids)
     if touched == {"attn"}:
         return "attn"
     if touched == {"mlp"}:
@@ -290,7 +370,7 @@ def _branch_label(
     return "both" if touched == {"attn", "mlp"} else None
 
 
-def _branch_nodes(start: fx.Node, inside: set[fx.Node], stop: set[fx.Node]) -> Iterable[fx.Node]:
+def _branch_nodes(start: fx.Node, inside: frozenset[fx.Node], stop: frozenset[fx.Node]) -> Iterable[fx.Node]:
     """Ancestors of ``start`` within the layer, not crossing the residual chain."""
     seen, todo = set(), [start]
     while todo:
@@ -303,11 +383,7 @@ def _branch_nodes(start: fx.Node, inside: set[fx.Node], stop: set[fx.Node]) -> I
 
 
 def _split_parallel(
-    contribution: fx.Node,
-    inside: set[fx.Node],
-    stop: set[fx.Node],
-    scopes: dict[fx.Node, frozenset[int]],
-    branch_ids: dict[str, frozenset[int]],
+    contribution: fx.Node, layer: _LayerScope, stop: frozenset[fx.Node]
 ) -> tuple[fx.Node, fx.Node] | None:
     """For ``attn + mlp`` added to the residual in one step, the (attn_out, mlp_out) nodes."""
     if not _is_add(contribution):
@@ -315,7 +391,7 @@ def _split_parallel(
     operands = [a for a in contribution.args if isinstance(a, fx.Node)]
     if len(operands) != 2:
         return None
-    labels = [_branch_label(a, inside, stop, scopes, branch_ids) for a in operands]
+    labels = [_branch_label(a, layer, stop) for a in operands]
     if labels == ["attn", "mlp"]:
         return operands[0], operands[1]
     if labels == ["mlp", "attn"]:
