@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
-import itertools
+import hashlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,15 +19,15 @@ from .lowering.discovery import discover_sites
 from .lowering.sites import DecoderLayout, Site, SiteKind
 from .runtime.slots import SlotManager
 from .runtime.staging import SteeringArg, per_row_steerings
-from .runtime.state import Capacity, RoutingState, SiteState, register_site
+from .runtime.state import Capacity, RoutingState, SiteState, claim_handle_prefix, every_path, register_site
 from .sae import SAE
 
-_model_ids = itertools.count()
+Sites = dict[Site, tuple[int, ...]]
 
 
 def steer(
     model: nn.Module,
-    saes: Mapping[str, SAE] | Sequence[SAE] | None = None,
+    saes: Mapping[str, SAE] | Sequence[SAE] | SAE | None = None,
     *,
     sites: Sequence[str] = (),
     backend: InnerBackend = "inductor",
@@ -41,73 +43,71 @@ def steer(
 ) -> SteeredModel:
     """Compile ``model`` so that the given sites can be steered without recompiling.
 
-    ``saes`` attaches an SAE per site: ``{site: SAE}``, or a list of SAEs placed at their
-    ``hook_name``. ``sites`` attaches further sites for additive steering (``AddVector``)
-    only. Site names are TransformerLens hook names (``blocks.3.hook_resid_post``) or HF
-    module paths (``model.layers.3`` = resid_post, ``.self_attn`` = attn_out, ``.mlp`` =
-    mlp_out).
+    ``saes`` attaches an SAE per site: ``{site: SAE}``, or one SAE or a list of SAEs placed
+    at their ``hook_name``. ``sites`` attaches further sites for additive steering
+    (``AddVector``) only. Site names are TransformerLens hook names
+    (``blocks.3.hook_resid_post``) or HF module paths (``model.layers.3`` = resid_post,
+    ``.self_attn`` = attn_out, ``.mlp`` = mlp_out).
 
     ``backend``, ``mode``, ``options``, ``dynamic`` and ``fullgraph`` mean what they mean
-    to ``torch.compile``. ``max_rows`` (distinct steerings per forward), ``max_clamps``
+    to ``torch.compile``; with ``fullgraph=False`` the sites may sit in different graph
+    fragments, and a call raises if a fragment break hides one. ``max_rows`` (distinct
+    steerings per forward, for ``steering=`` calls and for ``slots`` each), ``max_clamps``
     (clamped features per steering and site), ``max_batch`` and ``max_tokens`` (batch x
     sequence per forward) size the static state. ``on_graph``, if given, is called with
     every rewritten FX graph (to inspect what was inserted). With nothing attached, the
     result is plain ``torch.compile``. The model's weights and modules are not modified.
     """
     capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens)
-    layout, available = discover_sites(model)
+    layout, available = discover_sites(model, fullgraph=fullgraph)
     attached = _attach(layout, available, _sae_by_site(saes), sites)
+    _check_widths(attached, layout.hidden_size)
     param = next(model.parameters())
-    tag = f"m{next(_model_ids)}"
     routing = RoutingState(capacity, param.dtype, param.device)
-    states: dict[Site, SiteState] = {}
-    for site, sae in attached.items():
-        if sae is not None and sae.d_in != layout.hidden_size:
-            raise ValueError(
-                f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the model's hidden size is "
-                f"{layout.hidden_size}. It was trained on a different model or site."
-            )
+    prefix = claim_handle_prefix(_handle_digest(model, attached, capacity, param), routing)
+    states = {
+        site: SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
+        for site, sae in attached.items()
+    }
+    handles = {site: f"{prefix}:{site.name}" for site in attached}
+    for site, state in states.items():
+        register_site(handles[site], state)
     inner = resolve_inner_backend(backend, mode, options)
-    handles = {site: f"{tag}:{site.name}" for site in attached}
-    for site, sae in attached.items():
-        states[site] = SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
-        register_site(handles[site], states[site])
-    if attached:
-        inner = SteeringBackend(model, layout, handles, inner, on_graph)
-    compiled = torch.compile(fresh_entry_point(model.forward, tag), backend=inner, dynamic=dynamic, fullgraph=fullgraph)
-    return SteeredModel(model, layout, available, states, routing, compiled)
+    steering_backend = SteeringBackend(model, layout, handles, inner, on_graph, fullgraph) if attached else None
+    entry = fresh_entry_point(model.forward, prefix.replace(".", "_"))
+    compiled = torch.compile(entry, backend=steering_backend or inner, dynamic=dynamic, fullgraph=fullgraph)
+    return SteeredModel(model, layout, available, states, routing, compiled, steering_backend)
 
 
-def _sae_by_site(saes: Mapping[str, SAE] | Sequence[SAE] | None) -> list[tuple[str, SAE]]:
+def _sae_by_site(saes: Mapping[str, SAE] | Sequence[SAE] | SAE | None) -> list[tuple[str, SAE]]:
     if saes is None:
         return []
+    if isinstance(saes, SAE):
+        saes = [saes]
     if isinstance(saes, Mapping):
         pairs = list(saes.items())
     elif isinstance(saes, (list, tuple)):
-        pairs = []
-        for sae in saes:
-            if not isinstance(sae, SAE):
-                raise TypeError(f"steer(): a list of SAEs must hold SAE objects, got {type(sae).__name__}.")
-            if sae.hook_name is None:
-                raise ValueError(
-                    "steer(): an SAE in a list must have a hook_name saying where it goes; "
-                    "pass {site: sae} instead, or build the SAE with hook_name=..."
-                )
-            pairs.append((sae.hook_name, sae))
+        pairs = [(_hook_name(sae), sae) for sae in saes]
     else:
-        raise TypeError(f"steer(): saes must be a dict {{site: SAE}} or a list of SAEs, got {type(saes).__name__}.")
+        raise TypeError(f"steer(): saes must be an SAE, a dict {{site: SAE}} or a list of SAEs, got {type(saes).__name__}.")
     for name, sae in pairs:
         if not isinstance(sae, SAE):
             raise TypeError(f"steer(): the value for site {name!r} must be an SAE, got {type(sae).__name__}.")
     return pairs
 
 
-def _attach(
-    layout: DecoderLayout,
-    available: dict[Site, tuple[int, ...]],
-    saes: list[tuple[str, SAE]],
-    additive: Sequence[str],
-) -> dict[Site, SAE | None]:
+def _hook_name(sae: object) -> str:
+    if not isinstance(sae, SAE):
+        raise TypeError(f"steer(): a list of SAEs must hold SAE objects, got {type(sae).__name__}.")
+    if sae.hook_name is None:
+        raise ValueError(
+            "steer(): an SAE given without a site must have a hook_name saying where it goes; "
+            "pass {site: sae} instead, or build the SAE with hook_name=..."
+        )
+    return sae.hook_name
+
+
+def _attach(layout: DecoderLayout, available: Sites, saes: list[tuple[str, SAE]], additive: Sequence[str]) -> dict[Site, SAE | None]:
     if isinstance(additive, str):
         raise TypeError("steer(): sites= takes a list of site names, not a single string.")
     attached: dict[Site, SAE | None] = {}
@@ -119,7 +119,36 @@ def _attach(
     return attached
 
 
-def resolve_site(layout: DecoderLayout, available: dict[Site, tuple[int, ...]], name: str) -> Site:
+def _check_widths(attached: dict[Site, SAE | None], hidden_size: int) -> None:
+    for site, sae in attached.items():
+        if sae is not None and sae.d_in != hidden_size:
+            raise ValueError(
+                f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the model's hidden size is "
+                f"{hidden_size}. It was trained on a different model or site."
+            )
+
+
+def _handle_digest(model: nn.Module, attached: dict[Site, SAE | None], capacity: Capacity, param: torch.Tensor) -> str:
+    """A digest of what the compiled graph depends on: the model's class and config, the dtype
+    and device, the capacities and the attached sites. Equal for the same model steered the
+    same way, in any process, so its graph hits the FX graph cache."""
+    config = getattr(model, "config", None)
+    parts = [
+        type(model).__module__ + "." + type(model).__qualname__,
+        config.to_json_string() if hasattr(config, "to_json_string") else repr(model),
+        str(param.dtype),
+        param.device.type,
+        repr(capacity),
+        *(f"{site.name}={_sae_signature(sae)}" for site, sae in sorted(attached.items())),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _sae_signature(sae: SAE | None) -> str:
+    return "additive" if sae is None else f"{sae.activation}/{sae.k}/{sae.d_sae}"
+
+
+def resolve_site(layout: DecoderLayout, available: Sites, name: str) -> Site:
     """The exposed site ``name`` refers to, or a ValueError listing the available ones."""
     names = ", ".join(site.name for site in sorted(available))
     try:
@@ -140,6 +169,18 @@ def resolve_site(layout: DecoderLayout, available: dict[Site, tuple[int, ...]], 
     return site
 
 
+def _resolve_attached(layout: DecoderLayout, available: Sites, attached: frozenset[Site], name: str) -> str:
+    """The canonical name of attached site ``name``, or a ValueError saying what is attached."""
+    site = resolve_site(layout, available, name)
+    if site not in attached:
+        names = ", ".join(s.name for s in sorted(attached)) or "none"
+        raise ValueError(
+            f"Site {name!r} ({site.name}) is not attached, so it cannot be steered. Attached sites: "
+            f"{names}. Attaching a new site needs a new sc.steer() (one recompile)."
+        )
+    return site.name
+
+
 class _CallRow:
     """Request id of the rows that ``steering=`` on a call admits; never equal to a user's id."""
 
@@ -152,22 +193,32 @@ class _CallRow:
         return f"<call steering {self.index}>"
 
 
+_WARMUP = _CallRow(-1)
+
+
 class SteeredModel:
     """A compiled HF model whose attached sites can be steered per call without recompiling.
 
     ``steering=`` on ``__call__`` and ``generate`` takes ``None``, a ``Steering``, a list of
-    edits (applied to every row), or a list with one ``Steering``-or-``None`` per batch row.
-    Production loops use ``slots`` (admit / update / release / assign) and ``step`` instead.
+    edits (applied to every row; ``[]`` is no edits), or a list with one
+    ``Steering``-or-``None`` per batch row. Production loops use ``slots`` (admit / update /
+    release / assign) and ``step`` instead. A call's steering lives in rows of its own, so
+    it never evicts or re-routes a request admitted through ``slots``.
+
+    Threads: every call and every state write (``slots``, ``load_sae``) holds one lock per
+    model, so a forward never sees a half-written state and concurrent calls run one at a
+    time. Separate ``SteeredModel`` objects run independently.
     """
 
     def __init__(
         self,
         model: nn.Module,
         layout: DecoderLayout,
-        available: dict[Site, tuple[int, ...]],
+        available: Sites,
         states: dict[Site, SiteState],
         routing: RoutingState,
         compiled: Callable[..., Any],
+        backend: SteeringBackend | None = None,
     ) -> None:
         self.model = model
         self._layout = layout
@@ -177,9 +228,17 @@ class SteeredModel:
         self._routing = routing
         self._device = routing.batch_rows.device
         self._compiled = compiled
-        self.slots = SlotManager(self._by_name, routing, self._resolve_attached)
+        self._backend = backend
+        self._checked_compiles = 0
+        self._lock = threading.RLock()
+        resolve = functools.partial(_resolve_attached, layout, available, frozenset(states))
+        self._resolve = resolve
+        self.slots = SlotManager(self._by_name, routing, resolve, routing.capacity.slot_rows, self._lock)
+        self._calls = SlotManager(self._by_name, routing, resolve, routing.capacity.call_rows, self._lock)
         self._call_steerings: tuple[Steering, ...] = ()
         self._call_ids: tuple[_CallRow, ...] = ()
+        self._call_routed = False
+        self._generator: nn.Module | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -190,6 +249,26 @@ class SteeredModel:
     def attached_sites(self) -> tuple[str, ...]:
         """The sites steering can act on (those passed to ``sc.steer``), in forward order."""
         return tuple(site.name for site in sorted(self._states))
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's ``config``."""
+        return self.model.config
+
+    @property
+    def generation_config(self) -> Any:
+        """The wrapped model's ``generation_config``."""
+        return self.model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (and of the steering state)."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (and of the SAE buffers)."""
+        return self._routing.token_weight.dtype
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each exposed site's tensor shape on a 1x2-token probe (``[1, 2, d_model]``)."""
@@ -215,20 +294,18 @@ class SteeredModel:
 
         Token scope: positions (cache positions) before ``prompt_len`` (an int, or one per
         row) are "prompt". By default every token of a call on an empty cache is prompt,
-        and every token of a call that continues a cache is generated.
+        and every token of a call that continues a cache is generated. A cache length held
+        on the device is used there, without a host sync.
         """
-        _require_no_grad()
-        batch, seq = _batch_and_seq(input_ids, kwargs)
-        past = _past_length(kwargs)
-        if prompt_len is None:
-            prompt_len = seq if int(past) == 0 else int(past)
-        prompt_lens = [prompt_len] * batch if isinstance(prompt_len, int) else [int(p) for p in prompt_len]
-        if len(prompt_lens) != batch:
-            raise ValueError(f"prompt_len has {len(prompt_lens)} entries for a batch of {batch}.")
-        self._assign_call(per_row_steerings(steering, batch), prompt_lens, seq)
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        return self.step(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+        with self._lock:
+            _require_no_grad("__call__")
+            batch, seq = _batch_and_seq(input_ids, kwargs)
+            past = _past_length(kwargs)
+            per_row = per_row_steerings(steering, batch)
+            self._assign_call(per_row, _prompt_lens(prompt_len, batch, seq, past), seq)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            return self._forward(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
 
     def step(
         self,
@@ -243,14 +320,12 @@ class SteeredModel:
         positions; they decide prompt vs generated scope on the device, so a captured CUDA
         graph follows them from step to step. Default: the cache length plus ``arange(S)``.
         """
-        _require_no_grad()
-        batch, seq = _batch_and_seq(input_ids, kwargs)
-        attention_mask = kwargs.get("attention_mask")
-        if not self._routing.is_routed(batch, seq, attention_mask):
-            if positions is None:
-                positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
-            self._routing.route(positions, attention_mask, batch, seq)
-        return self._compiled(input_ids, *args, **kwargs)
+        with self._lock:
+            _require_no_grad("step")
+            if self._call_routed:
+                self.slots.reapply()  # a call's routing never leaks into the serving loop's steps
+                self._call_routed = False
+            return self._forward(input_ids, *args, positions=positions, **kwargs)
 
     def generate(
         self,
@@ -263,13 +338,24 @@ class SteeredModel:
         """HF ``generate`` whose prefill and decode steps both run the steered compiled forward.
 
         ``tokens="prompt"`` steers the ``input_ids`` positions; ``"generated"`` the new ones.
-        All other arguments (generation config, streamer, sampling) are HF's.
+        All other arguments (generation config, streamer, sampling) are HF's. The wrapped
+        model is not modified: generation runs on a shallow copy whose ``forward`` is steered.
         """
-        batch, prompt_len = input_ids.shape
-        per_row = per_row_steerings(steering, batch)
-        self._assign_call(per_row, [prompt_len] * batch, prompt_len)
-        batch_ids = self._call_batch(per_row)
-        assigned = [batch]
+        with self._lock:
+            _require_no_grad("generate")
+            batch, prompt_len = input_ids.shape
+            per_row = per_row_steerings(steering, batch)
+            self._assign_call(per_row, [prompt_len] * batch, prompt_len)
+            forward = self._generation_forward(self._call_batch(per_row), prompt_len)
+            kwargs.setdefault("disable_compile", True)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            generator = self._generation_model()
+            with _forward_replaced(generator, forward):
+                return generator.generate(input_ids, **kwargs)
+
+    def _generation_forward(self, batch_ids: list[_CallRow | None], prompt_len: int) -> Callable[..., Any]:
+        batch, assigned = len(batch_ids), [len(batch_ids)]
 
         @functools.wraps(self.model.forward)
         def steered_forward(input_ids: torch.Tensor | None = None, *args: Any, **kw: Any) -> Any:
@@ -279,56 +365,78 @@ class SteeredModel:
                 if step_batch % batch:
                     raise ValueError(f"generate: batch changed from {batch} to {step_batch} mid-generation.")
                 expand = step_batch // batch
-                self.slots.assign([r for r in batch_ids for _ in range(expand)], [prompt_len] * step_batch)
+                self._calls.assign([r for r in batch_ids for _ in range(expand)], [prompt_len] * step_batch)
                 assigned[0] = step_batch
-            return self.step(input_ids, *args, **kw)
+            return self._forward(input_ids, *args, **kw)
 
-        kwargs.setdefault("disable_compile", True)
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        with torch.no_grad(), _forward_replaced(self.model, steered_forward):
-            return self.model.generate(input_ids, **kwargs)
+        return steered_forward
+
+    def _generation_model(self) -> nn.Module:
+        """A shallow copy of the model (same modules, parameters and config) to generate with."""
+        if self._generator is None:
+            self._generator = copy.copy(self.model)
+        return self._generator
 
     def load_sae(self, site: str, sae: SAE) -> None:
         """Hot-swap the SAE at an attached site in place: no recompile, live rows keep working.
 
         The new SAE must have the same activation (and ``k``) and at most the attached SAE's
-        width. Attaching a new site needs ``sc.steer()`` again, which recompiles.
+        width. Attaching a new site needs ``sc.steer()`` again, which recompiles. A rejected
+        SAE changes nothing; see ``SiteState.swap_sae`` for a failure during the copy.
         """
         if not isinstance(sae, SAE):
             raise TypeError(f"load_sae: expected an SAE, got {type(sae).__name__}.")
-        self._by_name[self._resolve_attached(site)].swap_sae(sae)
+        with self._lock:
+            self._by_name[self._resolve(site)].swap_sae(sae)
 
     def warmup(self, shapes: Sequence[tuple[int, int]], repeats: int = 3, **kwargs: Any) -> None:
         """Compile and run every ``(batch, seq)`` bucket a loop will use, through every op path.
 
-        Each bucket runs ``repeats`` times with steering that exercises the additive, sparse
-        and full paths at every attached site, so compilation, CUDA-graph recording and
-        lazy kernel initialisation all happen here and not inside the loop. ``kwargs`` are
-        passed to each forward (e.g. ``use_cache=False``). Leaves the steering state as it was.
+        Every forward runs all the paths a captured CUDA graph contains (``every_path``), and
+        the steering alternates between repeats (additive + sparse clamps, then Reconstruct)
+        so each path also computes real tokens. Compilation, CUDA-graph recording and lazy
+        kernel initialisation thus all happen here, on every bucket, batch 1 included, and
+        never inside a capture. ``kwargs`` are passed to each forward (e.g.
+        ``use_cache=False``). Admitted requests and the slot assignment are left as they were.
         """
+        for batch, seq in shapes:
+            self._check_tokens(batch, seq)
         exercise = self._warmup_steerings()
-        ids = [_CallRow(-1 - i) for i in range(len(exercise))]
-        self.slots.replace((), {rid: (s, 0) for rid, s in zip(ids, exercise, strict=True)})
-        try:
-            for batch, seq in shapes:
-                self._check_tokens(batch, seq)
-                rows = [ids[b % len(ids)] if ids else None for b in range(batch)]
-                self.slots.assign(rows, [seq // 2] * batch)
-                tokens = torch.zeros(batch, seq, dtype=torch.long, device=self._device)
-                for _ in range(repeats):
-                    with torch.no_grad():
-                        self.step(tokens, **kwargs)
-        finally:
-            self.slots.replace(ids, {})
+        with self._lock, every_path(), torch.no_grad():
+            self._release_call_rows()
+            try:
+                for repeat in range(repeats):
+                    steering = exercise[repeat % len(exercise)] if exercise else None
+                    self._calls.replace(list(self._calls.requests), {_WARMUP: (steering, 0)})
+                    for batch, seq in shapes:
+                        self._calls.assign([_WARMUP] * batch)
+                        self._call_routed = True
+                        self._forward(torch.zeros(batch, seq, dtype=torch.long, device=self._device), **kwargs)
+            finally:
+                self._calls.replace(list(self._calls.requests), {})
 
     def _warmup_steerings(self) -> list[Steering]:
         sae_sites = [name for name, state in self._by_name.items() if state.d_sae > 0]
         additive = [AddVector(name, torch.zeros(state.hidden_size)) for name, state in self._by_name.items()]
         steerings = [Steering(*additive, *(Clamp(name, 0, 0.0, "add") for name in sae_sites))] if additive else []
         if sae_sites:
-            steerings.append(Steering(*(Reconstruct(name) for name in sae_sites), tokens="prompt"))
+            steerings.append(Steering(*(Reconstruct(name) for name in sae_sites)))
         return steerings
+
+    def _forward(self, input_ids: torch.Tensor | None, *args: Any, positions: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Route the tokens of this forward on the device, run the compiled model, and check
+        that every attached site made it into the graph fragments compiled so far."""
+        batch, seq = _batch_and_seq(input_ids, kwargs)
+        attention_mask = kwargs.get("attention_mask")
+        if not self._routing.is_routed(batch, seq, attention_mask):
+            if positions is None:
+                positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
+            self._routing.route(positions, attention_mask, batch, seq)
+        out = self._compiled(input_ids, *args, **kwargs)
+        if self._backend is not None and self._backend.compiles != self._checked_compiles:
+            self._checked_compiles = self._backend.compiles
+            self._backend.check_placed()
+        return out
 
     def _check_tokens(self, batch: int, seq: int) -> None:
         capacity = self._routing.capacity
@@ -340,38 +448,34 @@ class SteeredModel:
                 "pass a larger max_tokens to sc.steer()."
             )
 
-    def _assign_call(self, per_row: list[Steering | None], prompt_lens: list[int], seq: int) -> None:
-        """Admit the distinct steerings of a call (atomically replacing the last call's) and route."""
+    def _assign_call(self, per_row: list[Steering | None], prompt_lens: list[int] | torch.Tensor, seq: int) -> None:
+        """Admit the distinct steerings of a call in the call rows (atomically replacing the last
+        call's, which are kept while they are reused) and route the batch through them."""
         self._check_tokens(len(per_row), seq)
         distinct = tuple(dict.fromkeys(s for s in per_row if s is not None))
         if distinct and not self._states:
             raise ValueError("steering was given but no site is attached; pass saes= or sites= to sc.steer().")
         if distinct != self._call_steerings:
             ids = tuple(_CallRow(i) for i in range(len(distinct)))
-            self.slots.replace(self._call_ids, {rid: (s, 0) for rid, s in zip(ids, distinct, strict=True)})
+            self._calls.replace(self._call_ids, {rid: (s, 0) for rid, s in zip(ids, distinct, strict=True)})
             self._call_steerings, self._call_ids = distinct, ids
-        self.slots.assign(self._call_batch(per_row), prompt_lens)
+        self._calls.assign(self._call_batch(per_row), prompt_lens)
+        self._call_routed = True
+
+    def _release_call_rows(self) -> None:
+        self._calls.replace(self._call_ids, {})
+        self._call_steerings, self._call_ids = (), ()
 
     def _call_batch(self, per_row: list[Steering | None]) -> list[_CallRow | None]:
         index = {s: rid for s, rid in zip(self._call_steerings, self._call_ids, strict=True)}
         return [None if s is None else index[s] for s in per_row]
 
-    def _resolve_attached(self, name: str) -> str:
-        site = resolve_site(self._layout, self._available, name)
-        if site not in self._states:
-            attached = ", ".join(self.attached_sites) or "none"
-            raise ValueError(
-                f"Site {name!r} ({site.name}) is not attached, so it cannot be steered. Attached sites: "
-                f"{attached}. Attaching a new site needs a new sc.steer() (one recompile)."
-            )
-        return site.name
 
-
-def _require_no_grad() -> None:
+def _require_no_grad(method: str) -> None:
     if torch.is_grad_enabled():
         raise ValueError(
-            "SteeredModel called with gradients enabled. The steering op has no autograd formula, so "
-            "backward would fail. Wrap the call in torch.no_grad() or torch.inference_mode()."
+            f"SteeredModel.{method} called with gradients enabled. The steering op has no autograd "
+            "formula, so backward would fail. Wrap the call in torch.no_grad() or torch.inference_mode()."
         )
 
 
@@ -392,6 +496,20 @@ def _past_length(kwargs: dict[str, Any]) -> int | torch.Tensor:
     return past.get_seq_length() if hasattr(past, "get_seq_length") else past[0][0].shape[-2]
 
 
+def _prompt_lens(prompt_len: object, batch: int, seq: int, past: int | torch.Tensor) -> list[int] | torch.Tensor:
+    """Each row's prompt length: ``prompt_len`` (an int or one per row), or by default the call's
+    own tokens on an empty cache and the cached tokens otherwise (a 0-d tensor when the cache
+    keeps its length on the device)."""
+    if prompt_len is None:
+        if isinstance(past, torch.Tensor):
+            return torch.where(past == 0, seq, past)  # [] on the device; no host sync
+        return [seq if past == 0 else past] * batch
+    lengths = [prompt_len] * batch if isinstance(prompt_len, int) else list(prompt_len)  # type: ignore[call-overload]
+    if len(lengths) != batch:
+        raise ValueError(f"prompt_len has {len(lengths)} entries for a batch of {batch}.")
+    return lengths
+
+
 def _positions(seq: int, past: int | torch.Tensor, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
     """Cache positions ``[S]`` of this call's tokens in the (padded) sequence."""
     cache_position = kwargs.get("cache_position")
@@ -402,14 +520,9 @@ def _positions(seq: int, past: int | torch.Tensor, kwargs: dict[str, Any], devic
 
 @contextlib.contextmanager
 def _forward_replaced(model: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """Route ``model(...)`` through ``forward`` for the duration, restoring it afterwards."""
-    had_own = "forward" in vars(model)
-    previous = vars(model).get("forward")
+    """Route ``model(...)`` through ``forward`` for the duration."""
     model.forward = forward
     try:
         yield
     finally:
-        if had_own:
-            model.forward = previous
-        else:
-            del model.forward
+        del model.forward

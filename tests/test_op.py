@@ -3,6 +3,8 @@ and the DESIGN §4 math at one site against the fp64 reference."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -36,21 +38,54 @@ def route(state: SiteState, per_row: list, seq: int) -> None:
     state.routing.route(torch.arange(seq), None, len(per_row), seq)
 
 
+class Site(NamedTuple):
+    state: SiteState
+    handle: str
+    sae: SAE  # the site keeps no reference to it: the reference reads it from here
+
+
 @pytest.fixture(scope="module", params=["relu", "jumprelu", "topk"])
-def site(request: pytest.FixtureRequest) -> tuple[SiteState, str]:
+def site(request: pytest.FixtureRequest) -> Site:
     handle = f"test_op:{request.param}"
     sae = random_sae(D, 24, request.param, seed=1, apply_b_dec_to_input=request.param == "topk")
-    return make_site(sae, handle), handle
+    return Site(make_site(sae, handle), handle, sae)
 
 
-def test_opcheck(site: tuple[SiteState, str]) -> None:
-    state, handle = site
-    route(state, [Steering(Clamp(SITE, 2, 3.0), AddVector(SITE, torch.ones(D))), None], seq=3)
-    torch.library.opcheck(torch.ops.sae_compile.steer.default, (torch.randn(2, 3, D), handle))
+def layouts(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """``[batch, seq, D]`` inputs in the layouts a graph may hand the op."""
+    return {
+        "contiguous": torch.randn(batch, seq, D),
+        "transposed": torch.randn(seq, batch, D).transpose(0, 1),
+        "strided": torch.randn(batch, seq, 2 * D)[..., ::2],
+        "sliced": torch.randn(batch, seq + 2, D)[:, 1:-1],
+    }
 
 
-def test_unsteered_rows_are_bit_identical_and_output_is_fresh(site: tuple[SiteState, str]) -> None:
-    state, handle = site
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "sliced"])
+def test_opcheck(site: Site, layout: str) -> None:
+    state, handle, sae = site
+    route(state, [Steering(Clamp(SITE, 2, 3.0), AddVector(SITE, torch.ones(D))), Steering(Reconstruct(SITE))], seq=3)
+    torch.library.opcheck(torch.ops.sae_compile.steer.default, (layouts(2, 3)[layout], handle))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "sliced"])
+def test_output_is_contiguous_like_the_fake(site: Site, layout: str) -> None:
+    """The fake and every real path agree on the output layout: contiguous, whatever ``x``'s."""
+    state, handle, sae = site
+    x = layouts(3, 4)[layout]
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.sae_compile.steer(mode.from_tensor(x), handle)
+    for per_row in ([None, None, None], [Steering(Clamp(SITE, 2, 3.0)), None, Steering(Reconstruct(SITE))]):
+        route(state, per_row, seq=4)
+        out = torch.ops.sae_compile.steer(x, handle)
+        assert out.is_contiguous() and out.stride() == fake.stride()
+        assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        expected = apply_steering_at_site(x[2], SITE, per_row[2], sae, token_scope_mask("all", 4, 4, None))
+        assert_rel_close(out[2], expected, 1e-5)
+
+
+def test_unsteered_rows_are_bit_identical_and_output_is_fresh(site: Site) -> None:
+    state, handle, sae = site
     route(state, [None, Steering(Clamp(SITE, 1, 2.0), Reconstruct(SITE)), None], seq=5)
     x = torch.randn(3, 5, D)
     out = torch.ops.sae_compile.steer(x, handle)
@@ -73,13 +108,13 @@ def test_unsteered_rows_are_bit_identical_and_output_is_fresh(site: tuple[SiteSt
         [Reconstruct(SITE), Clamp(SITE, 0, 3.0), AddVector(SITE, torch.ones(D))],
     ],
 )
-def test_site_math_matches_reference(site: tuple[SiteState, str], edits: list) -> None:
-    state, handle = site
+def test_site_math_matches_reference(site: Site, edits: list) -> None:
+    state, handle, sae = site
     steering = Steering(*edits)
     route(state, [steering, None], seq=6)
     x = torch.randn(2, 6, D)
     out = torch.ops.sae_compile.steer(x, handle)
-    expected = apply_steering_at_site(x[0], SITE, steering, state.sae, token_scope_mask("all", 6, 6, None))
+    expected = apply_steering_at_site(x[0], SITE, steering, sae, token_scope_mask("all", 6, 6, None))
     assert_rel_close(out[0], expected, 1e-5)
     assert torch.equal(out[1], x[1])
 
@@ -105,8 +140,8 @@ def test_topk_ties_follow_the_reference() -> None:
         assert_rel_close(out[b], expected, 1e-5)
 
 
-def test_fake_impl_under_compile(site: tuple[SiteState, str]) -> None:
-    state, handle = site
+def test_fake_impl_under_compile(site: Site) -> None:
+    state, handle, sae = site
     route(state, [Steering(Clamp(SITE, 1, 1.0))], seq=4)
     x = torch.randn(1, 4, D)
     fn = torch.compile(lambda t: torch.ops.sae_compile.steer(t, handle) * 2, backend="aot_eager", fullgraph=True)
@@ -129,21 +164,21 @@ def test_decode_reads_only_the_used_rows_alike(share: float, monkeypatch: pytest
     assert 0 < used < 64 // 4  # both settings are a real choice
     out = torch.ops.sae_compile.steer(x, handle)
     for b, steering in ((0, recon), (2, clamped)):
-        expected = apply_steering_at_site(x[b], SITE, steering, state.sae, token_scope_mask("all", 5, 5, None))
+        expected = apply_steering_at_site(x[b], SITE, steering, sae, token_scope_mask("all", 5, 5, None))
         assert_rel_close(out[b], expected, 1e-5)
     assert torch.equal(out[1], x[1])
 
 
-def test_full_path_works_in_chunks(site: tuple[SiteState, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_path_works_in_chunks(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """Full-path tokens are steered a chunk at a time; chunks that straddle rows, and an
     unsteered row between steered ones, change nothing."""
     monkeypatch.setattr(torch_path, "FULL_PATH_CHUNK", 4)
-    state, handle = site
+    state, handle, sae = site
     recon, clamped = Steering(Reconstruct(SITE)), Steering(Reconstruct(SITE), Clamp(SITE, 2, 3.0))
     route(state, [recon, None, clamped], seq=5)
     x = torch.randn(3, 5, D)
     out = torch.ops.sae_compile.steer(x, handle)
     for b, steering in ((0, recon), (2, clamped)):
-        expected = apply_steering_at_site(x[b], SITE, steering, state.sae, token_scope_mask("all", 5, 5, None))
+        expected = apply_steering_at_site(x[b], SITE, steering, sae, token_scope_mask("all", 5, 5, None))
         assert_rel_close(out[b], expected, 1e-5)
     assert torch.equal(out[1], x[1])

@@ -135,8 +135,10 @@ def test_capacity_overflow_changes_nothing(setup) -> None:
         steered.slots.assign(["keep", "ghost"])
     with pytest.raises(ValueError, match="max_batch=4"):
         steered.slots.assign(["keep"] * 5)
-    with pytest.raises(ValueError, match="prompt_len must be a non-negative int"):
+    with pytest.raises(ValueError, match="prompt_len must be non-negative"):
         steered.slots.admit("neg", None, -1)
+    with pytest.raises(TypeError, match="prompt_len must be an int, got str"):
+        steered.slots.admit("text", None, "3")
     assert_unchanged(steered, before)
     # An update that reuses its own row's slot fits even when no row is free.
     steered.slots.update("keep", sc.Steering(sc.Clamp(POST, 9, 2.0)))
@@ -145,7 +147,10 @@ def test_capacity_overflow_changes_nothing(setup) -> None:
     assert steered.slots.rows_in_use() == {}
 
 
-def test_hot_swap_without_recompile_and_rollback(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hot_swap_without_recompile_and_a_failed_copy_is_loud(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap changes the steering without a recompile. A copy that fails midway (no backup is
+    kept, so the site's memory never doubles) leaves the site refusing to run, never steering
+    with half-written weights; a later good swap repairs it."""
     model, saes, steered = setup
     d = hidden_size(model)
     x = torch.randint(3, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
@@ -167,6 +172,10 @@ def test_hot_swap_without_recompile_and_rollback(setup, monkeypatch: pytest.Monk
             monkeypatch.setattr(type(steered._by_name[POST]), "_load_sae", fail_midway)
             with pytest.raises(RuntimeError, match="injected"):
                 steered.load_sae(POST, saes[POST])
+            monkeypatch.undo()
+            with pytest.raises(RuntimeError, match=f"load_sae failed while copying a new SAE into {POST}"):
+                steered(x, steering=steering)
+            steered.load_sae(POST, swapped[POST])
             assert torch.equal(steered(x, steering=steering).logits, after)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:

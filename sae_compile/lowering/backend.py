@@ -6,7 +6,7 @@ The backend owns compile concerns only; the rewrite and the site search see just
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,10 @@ def resolve_inner_backend(backend: InnerBackend, mode: str | None, options: dict
 class SteeringBackend:
     """Dynamo backend that inserts ``sae_compile::steer`` at ``handles``' sites.
 
+    With ``fullgraph=True`` there is one graph, and a site missing from it is an error at
+    once. Otherwise Dynamo hands over one fragment per graph break, and a site may sit in
+    any of them: the backend records what it placed, and ``check_placed`` (run by the
+    caller after each call that compiled something) raises for sites no fragment held.
     ``on_graph``, if given, sees every rewritten graph (tests use it to count op nodes).
     """
 
@@ -56,26 +60,42 @@ class SteeringBackend:
         handles: dict[Site, str],
         inner: Callable,
         on_graph: Callable[[fx.GraphModule], None] | None = None,
+        fullgraph: bool = True,
     ) -> None:
         self.model = model
         self.layout = layout
         self.handles = handles
         self.inner = inner
         self.on_graph = on_graph
+        self.fullgraph = fullgraph
+        self.compiles = 0
+        self.placed: set[Site] = set()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         nodes = find_site_nodes(gm.graph, self.model, self.layout)
-        missing = sorted(site.name for site in self.handles if site not in nodes)
-        if missing:
-            raise RuntimeError(
-                f"sae_compile could not find sites {missing} in the captured graph, so steering there "
-                "would be silently skipped. This happens when the forward has graph breaks inside the "
-                "decoder layers; compile with fullgraph=True to see where."
-            )
-        insert_steering_ops(gm, {site: (nodes[site], handle) for site, handle in self.handles.items()})
+        here = {site: (nodes[site], handle) for site, handle in self.handles.items() if site in nodes}
+        self.compiles += 1
+        self.placed |= set(here)
+        if self.fullgraph:
+            _raise_if_missing(site for site in self.handles if site not in here)
+        insert_steering_ops(gm, here)
         if self.on_graph is not None:
             self.on_graph(gm)
         return self.inner(gm, example_inputs)
+
+    def check_placed(self) -> None:
+        """Raise if an attached site is in none of the graphs compiled so far."""
+        _raise_if_missing(site for site in self.handles if site not in self.placed)
+
+
+def _raise_if_missing(sites: Iterable[Site]) -> None:
+    missing = sorted(site.name for site in sites)
+    if missing:
+        raise RuntimeError(
+            f"sae_compile could not find sites {missing} in the captured graph, so steering there "
+            "would be silently skipped. This happens when the forward has graph breaks inside the "
+            "decoder layers; compile with fullgraph=True to see where."
+        )
 
 
 def _trampoline(*args: Any, **kwargs: Any) -> Any:

@@ -13,20 +13,21 @@ from .backend import fresh_entry_point
 from .sites import DecoderLayout, Site, decoder_layout, find_site_nodes
 
 _probe_ids = itertools.count()
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[DecoderLayout, dict[Site, tuple[int, ...]]]] = (
-    weakref.WeakKeyDictionary()
-)
+Discovery = tuple[DecoderLayout, dict[Site, tuple[int, ...]]]
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[bool, Discovery]] = weakref.WeakKeyDictionary()
 
 
-def discover_sites(model: nn.Module) -> tuple[DecoderLayout, dict[Site, tuple[int, ...]]]:
+def discover_sites(model: nn.Module, fullgraph: bool = True) -> Discovery:
     """The model's decoder layout and every site its graph exposes, with the site's
     shape on a 1x2-token probe input. Cached per model object.
 
-    The probe is traced with ``fullgraph=True`` and never executed by a compiler, so it
-    costs one Dynamo trace.
+    The probe is traced as ``sc.steer`` will compile: with ``fullgraph=True`` it is one
+    Dynamo trace, never executed by a compiler; with ``fullgraph=False`` the sites of
+    every graph fragment count, and the code between fragments runs eagerly on the probe.
     """
-    if model in _CACHE:
-        return _CACHE[model]
+    cached = _CACHE.setdefault(model, {})
+    if fullgraph in cached:
+        return cached[fullgraph]
     layout = decoder_layout(model)
     found: dict[Site, tuple[int, ...]] = {}
 
@@ -39,6 +40,6 @@ def discover_sites(model: nn.Module) -> tuple[DecoderLayout, dict[Site, tuple[in
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
     entry = fresh_entry_point(model.forward, f"probe_{next(_probe_ids)}")
     with torch.no_grad():
-        torch.compile(entry, backend=capture, fullgraph=True)(input_ids=probe, use_cache=False)
-    _CACHE[model] = (layout, found)
+        torch.compile(entry, backend=capture, fullgraph=fullgraph)(input_ids=probe, use_cache=False)
+    cached[fullgraph] = (layout, found)
     return layout, found

@@ -13,11 +13,16 @@ from typing import Any
 
 import torch
 
+from .state import every_path
+
 
 def capture(
     fn: Callable[[], Any], *, warmup: int = 3, reset: Callable[[], None] | None = None
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run ``fn`` ``warmup`` times on a side stream, then capture one call of it.
+
+    The warmup runs every steering path the capture will contain (``every_path``), so no
+    kernel is compiled or initialised for the first time inside the captured region.
 
     Returns the graph and ``fn``'s output from the capture, whose tensors are the static
     outputs every ``graph.replay()`` rewrites. ``reset`` runs after the warmup and after
@@ -25,7 +30,7 @@ def capture(
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
+    with torch.cuda.stream(side), torch.no_grad(), every_path():
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(side)

@@ -9,8 +9,13 @@ of manager state exactly as it was. Keys are computed at admission; the per-step
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
 
 from ..edits import Steering
 from .hashing import steering_key
@@ -34,23 +39,51 @@ class _Staged:
     scope: int
 
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _locked(method: Method) -> Method:
+    """Run ``method`` holding the manager's lock: a forward on another thread never sees a
+    half-written table."""
+
+    @functools.wraps(method)
+    def locked(self: SlotManager, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class SlotManager:
-    """Owns the steering rows of one steered model.
+    """Owns a pool of steering rows of one steered model.
 
     ``admit(request_id, steering, prompt_len)`` gives a request a row; ``update`` changes
     its steering; ``release`` frees it (idempotent); ``assign(batch)`` routes the next
     forwards: batch row ``b`` serves request ``batch[b]`` (``None``: an unsteered row).
+    ``rows`` are the table rows this manager owns; managers with disjoint rows share the
+    tables and the routing without touching each other's requests. Every public method
+    holds ``lock``, which the model's forwards hold too.
     """
 
-    def __init__(self, sites: dict[str, SiteState], routing: RoutingState, resolve: Callable[[str], str]) -> None:
+    def __init__(
+        self,
+        sites: dict[str, SiteState],
+        routing: RoutingState,
+        resolve: Callable[[str], str],
+        rows: range | None = None,
+        lock: threading.RLock | None = None,
+    ) -> None:
+        rows = routing.capacity.slot_rows if rows is None else rows
         self._sites = sites
         self._routing = routing
         self._resolve = resolve
+        self._lock = threading.RLock() if lock is None else lock
         self._requests: dict[Hashable, Request] = {}
         self._row_of_key: dict[str, int] = {}
         self._refs: dict[int, int] = {}
-        self._free = list(range(routing.capacity.max_rows, NO_STEERING_ROW, -1))
-        self._batch: tuple[list[Hashable | None], list[int]] = ([], [])
+        self._free = list(reversed(rows))
+        self._capacity = len(rows)
+        self._batch: tuple[list[Hashable | None], Sequence[int] | torch.Tensor] = ([], [])
 
     @property
     def requests(self) -> dict[Hashable, Request]:
@@ -61,6 +94,7 @@ class SlotManager:
         """Steering rows in use, with how many requests share each."""
         return dict(self._refs)
 
+    @_locked
     def admit(self, request_id: Hashable, steering: Steering | None, prompt_len: int) -> int:
         """Admit a request; returns its steering row (0 if ``steering`` is None)."""
         if request_id in self._requests:
@@ -70,6 +104,7 @@ class SlotManager:
         self._check_capacity([staged], released=())
         return self._take(request_id, staged, prompt_len)
 
+    @_locked
     def update(self, request_id: Hashable, steering: Steering | None, prompt_len: int | None = None) -> int:
         """Change an admitted request's steering (and optionally prompt length); returns its row."""
         if request_id not in self._requests:
@@ -84,6 +119,7 @@ class SlotManager:
         self._reroute(request_id)
         return row
 
+    @_locked
     def release(self, request_id: Hashable) -> None:
         """Free a request's row (when no other request shares it). Releasing twice is a no-op.
 
@@ -93,6 +129,7 @@ class SlotManager:
             self._drop(request_id)
             self._reroute(request_id)
 
+    @_locked
     def replace(self, released: Sequence[Hashable], admitted: dict[Hashable, tuple[Steering | None, int]]) -> None:
         """Release ``released`` and admit ``admitted`` as one atomic step."""
         for request_id in admitted:
@@ -107,10 +144,12 @@ class SlotManager:
         for request_id, item in staged.items():
             self._take(request_id, item, admitted[request_id][1])
 
-    def assign(self, batch: Sequence[Hashable | None], prompt_lens: Sequence[int] | None = None) -> None:
+    @_locked
+    def assign(self, batch: Sequence[Hashable | None], prompt_lens: Sequence[int] | torch.Tensor | None = None) -> None:
         """Route the next forwards: batch row ``b`` serves request ``batch[b]``.
 
-        ``prompt_lens`` overrides the requests' prompt lengths per batch row.
+        ``prompt_lens`` overrides the requests' prompt lengths per batch row (or, as a 0-d
+        device tensor, for every row, read on the device).
         """
         capacity = self._routing.capacity.max_batch
         if len(batch) > capacity:
@@ -121,10 +160,17 @@ class SlotManager:
         requests = [self._requests[r] if r is not None else None for r in batch]
         if prompt_lens is None:
             prompt_lens = [0 if r is None else r.prompt_len for r in requests]
-        elif len(prompt_lens) != len(batch):
+        elif not isinstance(prompt_lens, torch.Tensor) and len(prompt_lens) != len(batch):
             raise ValueError(f"assign: {len(prompt_lens)} prompt lengths for a batch of {len(batch)}.")
-        self._routing.assign([NO_STEERING_ROW if r is None else r.row for r in requests], list(prompt_lens))
-        self._batch = (list(batch), list(prompt_lens))
+        lengths = prompt_lens if isinstance(prompt_lens, torch.Tensor) else list(prompt_lens)
+        self._routing.assign([NO_STEERING_ROW if r is None else r.row for r in requests], lengths)
+        self._batch = (list(batch), lengths)
+
+    @_locked
+    def reapply(self) -> None:
+        """Write this manager's last assignment back into the routing (after another manager's)."""
+        batch, prompt_lens = self._batch
+        self._routing.assign([NO_STEERING_ROW if r is None else self._requests[r].row for r in batch], prompt_lens)
 
     def _reroute(self, request_id: Hashable) -> None:
         """Rewrite the batch routing if ``request_id`` is assigned: an update may have moved it
@@ -156,7 +202,7 @@ class SlotManager:
         if len(new_keys) > available:
             raise ValueError(
                 f"steering needs {len(new_keys)} new rows but only {available} are free (max_rows="
-                f"{self._routing.capacity.max_rows}). Release finished requests, or pass a larger max_rows to sc.steer()."
+                f"{self._capacity}). Release finished requests, or pass a larger max_rows to sc.steer()."
             )
 
     def _take(self, request_id: Hashable, staged: _Staged | None, prompt_len: int) -> int:
@@ -189,5 +235,7 @@ class SlotManager:
 
 
 def _check_prompt_len(prompt_len: object) -> None:
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0:
-        raise ValueError(f"prompt_len must be a non-negative int, got {prompt_len!r}.")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
+        raise TypeError(f"prompt_len must be an int, got {type(prompt_len).__name__}.")
+    if prompt_len < 0:
+        raise ValueError(f"prompt_len must be non-negative, got {prompt_len}.")

@@ -11,12 +11,20 @@ Two kinds of state, both written only in place so their ``data_ptr()``s never ch
 The op finds a ``SiteState`` through a string handle registered here, so the compiled
 graph holds only that string: no tensor of ours is a graph input, which keeps the op
 usable from post-grad passes too, and a graph loaded from the FX graph cache in a fresh
-process resolves the handle against that process's state.
+process resolves the handle against that process's state. Handles are deterministic
+(``claim_handle_prefix``), so steering the same model the same way again produces the
+same graph and hits that cache; two live models never share one.
+
+The op assumes that nothing it reads changes while one graph runs: every write happens
+between forwards (``SteeredModel`` serialises its calls and its state writes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +46,25 @@ class Capacity:
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_clamps", "max_batch", "max_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"steer(): {name} must be a positive int, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"steer(): {name} must be an int, got {type(value).__name__}.")
+            if value < 1:
+                raise ValueError(f"steer(): {name} must be at least 1, got {value}.")
+
+    @property
+    def table_rows(self) -> int:
+        """Rows of every per-row table: the sentinel, then ``slot_rows``, then ``call_rows``."""
+        return 2 * self.max_rows + 1
+
+    @property
+    def slot_rows(self) -> range:
+        """Rows for requests admitted through ``SteeredModel.slots``."""
+        return range(1, self.max_rows + 1)
+
+    @property
+    def call_rows(self) -> range:
+        """Rows for ``steering=`` on a call, apart from the slots so a call never evicts a request."""
+        return range(self.max_rows + 1, 2 * self.max_rows + 1)
 
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED = 1, 2, 3
@@ -52,6 +77,7 @@ class RoutingState:
     Host-written (between forwards, by admission and batch assignment):
       ``batch_rows [max_batch]`` (steering row per batch row, 0 = none),
       ``batch_prompt_len [max_batch]`` (the row's prompt length), ``row_scope [R]``
+      (``R = capacity.table_rows``)
       (per steering row: 1 all, 2 prompt, 3 generated).
     Device-computed (per forward, by ``route``): ``token_mask [max_tokens]`` and the same
     mask as 0/1 in the model dtype, ``token_weight [max_tokens]``.
@@ -61,12 +87,12 @@ class RoutingState:
         self.capacity = capacity
         self.batch_rows = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
         self.batch_prompt_len = torch.zeros(capacity.max_batch, dtype=torch.long, device=device)
-        self.row_scope = torch.zeros(capacity.max_rows + 1, dtype=torch.long, device=device)
+        self.row_scope = torch.zeros(capacity.table_rows, dtype=torch.long, device=device)
         self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
         self.token_weight = torch.zeros(capacity.max_tokens, dtype=dtype, device=device)
-        self._scope_host = [0] * (capacity.max_rows + 1)
+        self._scope_host = [0] * capacity.table_rows
         self._assigned: tuple[int, ...] = ()
-        self._prompt_lens: tuple[int, ...] = ()
+        self._prompt_lens: tuple[int, ...] | None = ()
         self._version = 0
         self._routed: tuple | None = None
         self._views: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
@@ -99,15 +125,23 @@ class RoutingState:
         self._scope_host[row] = scope
         self._version += 1
 
-    def assign(self, rows: list[int], prompt_lens: list[int]) -> None:
-        """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``."""
-        if (tuple(rows), tuple(prompt_lens)) == (self._assigned, self._prompt_lens):
+    def assign(self, rows: list[int], prompt_lens: list[int] | torch.Tensor) -> None:
+        """Host write: batch row ``b`` uses steering row ``rows[b]`` with prompt length ``prompt_lens[b]``.
+
+        ``prompt_lens`` may be a 0-d tensor on the device, shared by every row: a length that a
+        static cache holds on the device is then used without reading it back (no host sync).
+        """
+        on_device = isinstance(prompt_lens, torch.Tensor)
+        if not on_device and (tuple(rows), tuple(prompt_lens)) == (self._assigned, self._prompt_lens):
             return  # a serving loop re-assigns every step; unchanged routing costs nothing
         # Batch rows past the assignment are unsteered, not whatever an earlier, larger one left.
         unassigned = [0] * (self.capacity.max_batch - len(rows))
         self.batch_rows.copy_(torch.tensor(rows + unassigned, dtype=torch.long), non_blocking=True)
-        self.batch_prompt_len.copy_(torch.tensor(prompt_lens + unassigned, dtype=torch.long), non_blocking=True)
-        self._assigned, self._prompt_lens = tuple(rows), tuple(prompt_lens)
+        if on_device:
+            self.batch_prompt_len.zero_()[: len(rows)].copy_(prompt_lens.expand(len(rows)))
+        else:
+            self.batch_prompt_len.copy_(torch.tensor(list(prompt_lens) + unassigned, dtype=torch.long), non_blocking=True)
+        self._assigned, self._prompt_lens = tuple(rows), None if on_device else tuple(prompt_lens)
         self._version += 1
 
     def route(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
@@ -161,10 +195,6 @@ class RowEdits:
     shift: tuple[float, ...] = ()
     reconstruct: bool = False
 
-    @property
-    def uses_sae(self) -> bool:
-        return bool(self.features) or self.reconstruct
-
 
 @dataclass(frozen=True)
 class Paths:
@@ -175,15 +205,47 @@ class Paths:
     full: bool
 
 
+_EVERY_PATH = threading.local()
+
+
+@contextlib.contextmanager
+def every_path() -> Iterator[None]:
+    """Within this block (on this thread), forwards run every path a captured graph contains.
+
+    Warmup runs under it, so that each kernel a capture will hold has been compiled and
+    launched before the capture: lazy initialisation inside a captured region is an error.
+    """
+    previous = getattr(_EVERY_PATH, "active", False)
+    _EVERY_PATH.active = True
+    try:
+        yield
+    finally:
+        _EVERY_PATH.active = previous
+
+
+def every_path_active() -> bool:
+    """True inside ``every_path()`` on this thread."""
+    return getattr(_EVERY_PATH, "active", False)
+
+
+# Columns (features) per step when copying or folding SAE weights: bounds the scratch of a
+# dtype or device conversion to a few MiB instead of a second copy of the weights.
+_COPY_ELEMENTS = 1 << 22
+
+
 class SiteState:
-    """The SAE and the per-row edit tables of one attached site.
+    """The SAE buffers and the per-row edit tables of one attached site.
+
+    The site holds no reference to the ``SAE`` it was given: its weights live only in the
+    buffers below, in the model's dtype, so attaching an SAE the caller then drops costs one
+    copy of it.
 
     SAE buffers (``F`` features, ``D`` = hidden size, model dtype):
       ``W_enc [D, F]`` (the SAE's own layout, the fast one for a dense encode on CPU),
       ``b_enc [F]`` (with ``-b_dec @ W_enc`` folded in when the SAE subtracts b_dec from its
       input), ``threshold [F]`` (0 for ReLU), ``W_dec [F, D]``, ``b_dec [D]``.
-    Row tables (``R = max_rows + 1``, ``C = max_clamps``); unused slots are all-zero or the
-    identity, so they contribute exactly nothing:
+    Row tables (``R = capacity.table_rows``, ``C = max_clamps``); unused slots are all-zero or
+    the identity, so they contribute exactly nothing:
       ``add_vec [R, D]``: the additive vector.
       Sparse delta rows (clamps on an elementwise SAE), pre-gathered at admission so a
       forward reads ``C`` features, not ``F``: ``sparse_enc [R, C, D]`` and
@@ -203,30 +265,15 @@ class SiteState:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        rows, clamps = capacity.max_rows + 1, capacity.max_clamps
         self.name = name
         self.hidden_size = hidden_size
         self.capacity = capacity
         self.routing = routing
-        self.sae = sae
+        self.has_sae = sae is not None
         self.activation = None if sae is None else sae.activation
         self.k = None if sae is None else sae.k
         self.d_sae = 0 if sae is None else sae.d_sae
-        f = max(self.d_sae, 1)
-
-        def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.W_enc, self.b_enc, self.threshold = zeros(hidden_size, f), zeros(f), zeros(f)
-        self.W_dec, self.b_dec = zeros(f, hidden_size), zeros(hidden_size)
-        self.add_vec = zeros(rows, hidden_size)
-        self.sparse_enc, self.sparse_dec = zeros(rows, clamps, hidden_size), zeros(rows, clamps, hidden_size)
-        self.sparse_params = zeros(rows, 4, clamps, dtype=torch.float32)
-        self.clamp_idx = zeros(rows, clamps, dtype=torch.long)
-        self.clamp_mul = torch.ones(rows, clamps, dtype=torch.float32, device=device)
-        self.clamp_shift = zeros(rows, clamps, dtype=torch.float32)
-        self.full_row = zeros(rows, dtype=torch.bool)
-        self.reconstruct_row = zeros(rows, dtype=torch.bool)
+        self._allocate(max(self.d_sae, 1), dtype, device)
         # Host mirrors: what each row holds, so the op can skip whole paths without reading
         # device memory (no host sync) and a hot swap can re-gather the sparse rows.
         self._edits: dict[int, RowEdits] = {}
@@ -235,8 +282,26 @@ class SiteState:
         self._full_rows: set[int] = set()
         self._version = 0
         self._paths: tuple[tuple[int, int, int], Paths] | None = None
+        self.broken: str | None = None
         if sae is not None:
             self._load_sae(sae)
+
+    def _allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        rows, clamps, d = self.capacity.table_rows, self.capacity.max_clamps, self.hidden_size
+
+        def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.W_enc, self.b_enc, self.threshold = zeros(d, width), zeros(width), zeros(width)
+        self.W_dec, self.b_dec = zeros(width, d), zeros(d)
+        self.add_vec = zeros(rows, d)
+        self.sparse_enc, self.sparse_dec = zeros(rows, clamps, d), zeros(rows, clamps, d)
+        self.sparse_params = zeros(rows, 4, clamps, dtype=torch.float32)
+        self.clamp_idx = zeros(rows, clamps, dtype=torch.long)
+        self.clamp_mul = torch.ones(rows, clamps, dtype=torch.float32, device=device)
+        self.clamp_shift = zeros(rows, clamps, dtype=torch.float32)
+        self.full_row = zeros(rows, dtype=torch.bool)
+        self.reconstruct_row = zeros(rows, dtype=torch.bool)
 
     @property
     def elementwise(self) -> bool:
@@ -306,20 +371,21 @@ class SiteState:
 
     def _load_sae(self, sae: SAE) -> None:
         """Copy ``sae`` into the buffers (features past its width become all-zero and never
-        fire), then re-gather the sparse rows from it."""
+        fire), then re-gather the sparse rows from it.
+
+        Everything that allocates more than a chunk (the b_dec fold) runs before the first
+        write; the large copies go a chunk of features at a time, so a conversion to the
+        model's dtype or device never holds a second copy of the weights.
+        """
         f = sae.d_sae
-        b_enc = sae.b_enc.double()
-        if sae.apply_b_dec_to_input:
-            # (x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc)
-            b_enc = b_enc - sae.b_dec.double() @ sae.W_enc.double()
+        b_enc = _folded_b_enc(sae)  # [F] fp64
         with torch.no_grad():
-            self.W_enc[:, :f].copy_(sae.W_enc)
-            self.W_enc[:, f:].zero_()
+            _copy_features(self.W_enc, sae.W_enc, dim=1)
+            _copy_features(self.W_dec, sae.W_dec, dim=0)
             self.b_enc[:f].copy_(b_enc)
             self.threshold[:f].copy_(sae.threshold if sae.threshold is not None else torch.zeros(f))
-            self.W_dec[:f].copy_(sae.W_dec)
             self.b_dec.copy_(sae.b_dec)
-            for buffer in (self.b_enc, self.threshold, self.W_dec):
+            for buffer in (self.b_enc, self.threshold):
                 buffer[f:].zero_()
         for row in self._sparse_rows:
             self._gather_sparse(row)
@@ -328,10 +394,20 @@ class SiteState:
         """Replace this site's SAE in place, without recompiling.
 
         The new SAE must fit the buffers (``d_sae`` up to the attached SAE's), keep the
-        activation (and ``k``), and cover every feature a live steering row clamps. If a
-        copy fails midway, the previous weights are restored before the error propagates.
+        activation (and ``k``), and cover every feature a live steering row clamps. Every
+        check runs before anything is written, so a rejected SAE changes nothing. The copy
+        keeps no backup of the old weights (that would double the site's memory at its
+        peak): if the copy itself fails (say the device runs out of memory for a chunk),
+        the site is marked broken, forwards raise, and a later successful ``swap_sae``
+        repairs it.
         """
-        if self.sae is None:
+        self._check_swap(sae)
+        self.broken = f"load_sae failed while copying a new SAE into {self.name}"
+        self._load_sae(sae)
+        self.d_sae, self.broken = sae.d_sae, None
+
+    def _check_swap(self, sae: SAE) -> None:
+        if not self.has_sae:
             raise ValueError(
                 f"load_sae: {self.name} was attached for additive steering only, so it has no SAE buffers. "
                 "Attaching an SAE there needs sc.steer() again (one recompile)."
@@ -356,30 +432,85 @@ class SiteState:
                 f"load_sae: a live steering row clamps feature {used} at {self.name}, beyond the new SAE's "
                 f"d_sae={sae.d_sae}. Release or update those requests first."
             )
-        backup = {name: getattr(self, name).clone() for name in _SAE_BUFFERS}
-        swapped = False
-        try:
-            self._load_sae(sae)
-            swapped = True
-        finally:
-            if not swapped:
-                with torch.no_grad():
-                    for name, saved in backup.items():
-                        getattr(self, name).copy_(saved)
-        self.sae, self.d_sae = sae, sae.d_sae
+        if sae.device.type == "meta":
+            raise ValueError(f"load_sae: the SAE for {self.name} is on the meta device and has no values to copy.")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{self.name}.{n}": getattr(self, n) for n in (*_SAE_BUFFERS, *_ROW_TABLES)}
 
+    def weight_bytes(self) -> int:
+        """Bytes of the SAE buffers (``W_enc``, ``W_dec``, ``b_enc``, ``threshold``, ``b_dec``)."""
+        return sum(getattr(self, n).nbytes for n in _WEIGHTS)
 
-_SAE_BUFFERS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "sparse_enc", "sparse_dec", "sparse_params")
+    def table_bytes(self) -> int:
+        """Bytes of the per-row tables (the sparse gathers included)."""
+        return sum(getattr(self, n).nbytes for n in (*_SAE_BUFFERS, *_ROW_TABLES) if n not in _WEIGHTS)
+
+
+def _folded_b_enc(sae: SAE) -> torch.Tensor:
+    """``b_enc`` in fp64, minus ``b_dec @ W_enc`` when the SAE subtracts ``b_dec`` from its input:
+    ``(x - b_dec) @ W_enc + b_enc == x @ W_enc + (b_enc - b_dec @ W_enc)``. Folded a chunk of
+    features at a time, so no fp64 copy of ``W_enc`` exists at once."""
+    b_enc = sae.b_enc.detach().to("cpu", torch.float64, copy=True)  # [F]
+    if not sae.apply_b_dec_to_input:
+        return b_enc
+    b_dec = sae.b_dec.detach().double()  # [D]
+    step = max(1, _COPY_ELEMENTS // sae.d_in)
+    for start in range(0, sae.d_sae, step):
+        cols = slice(start, start + step)
+        b_enc[cols] -= (b_dec @ sae.W_enc[:, cols].double()).cpu()  # [step]
+    return b_enc
+
+
+def _copy_features(buffer: torch.Tensor, weights: torch.Tensor, dim: int) -> None:
+    """``buffer`` gets ``weights`` along feature dimension ``dim``, and zeros past its width."""
+    f = weights.shape[dim]
+    per_feature = weights.numel() // f
+    step = max(1, _COPY_ELEMENTS // per_feature)
+    for start in range(0, f, step):
+        length = min(step, f - start)
+        buffer.narrow(dim, start, length).copy_(weights.narrow(dim, start, length))
+    buffer.narrow(dim, f, buffer.shape[dim] - f).zero_()
+
+
+_WEIGHTS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
+_SAE_BUFFERS = (*_WEIGHTS, "sparse_enc", "sparse_dec", "sparse_params")
 _ROW_TABLES = ("add_vec", "clamp_idx", "clamp_mul", "clamp_shift", "full_row", "reconstruct_row")
+
 _REGISTRY: weakref.WeakValueDictionary[str, SiteState] = weakref.WeakValueDictionary()
+_PREFIXES: weakref.WeakValueDictionary[str, RoutingState] = weakref.WeakValueDictionary()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def claim_handle_prefix(digest: str, owner: RoutingState) -> str:
+    """The lowest free handle prefix ``{digest}.{n}``, held for as long as ``owner`` lives.
+
+    ``digest`` is deterministic for a model and its attached sites, so steering the same
+    model the same way again (once the previous ``SteeredModel`` is gone, or in a fresh
+    process) yields the same handles and the same graph; ``n`` keeps models that are alive
+    at the same time apart.
+    """
+    with _REGISTRY_LOCK:
+        n = 0
+        while f"{digest}.{n}" in _PREFIXES:
+            n += 1
+        prefix = f"{digest}.{n}"
+        _PREFIXES[prefix] = owner
+        return prefix
 
 
 def register_site(handle: str, state: SiteState) -> None:
-    """Make ``state`` what ``torch.ops.sae_compile.steer(x, handle)`` reads."""
-    _REGISTRY[handle] = state
+    """Make ``state`` what ``torch.ops.sae_compile.steer(x, handle)`` reads, until ``state`` is
+    garbage-collected. A handle that a live state already holds is an error, never replaced."""
+    with _REGISTRY_LOCK:
+        current = _REGISTRY.get(handle)
+        if current is not None and current is not state:
+            raise RuntimeError(
+                f"sae_compile: site handle {handle!r} is already held by a live steering state. Two "
+                "models sharing a handle would read each other's steering. Handles come from "
+                "claim_handle_prefix(), which never hands out a live one: use it."
+            )
+        _REGISTRY[handle] = state
 
 
 def lookup_site(handle: str) -> SiteState:
@@ -392,3 +523,9 @@ def lookup_site(handle: str) -> SiteState:
             "graph outlived the SteeredModel that owned it, or was loaded from a cache in a process "
             "that has not called sc.steer() the same way. Keep the SteeredModel alive while you call it."
         ) from None
+
+
+def live_handles() -> list[str]:
+    """Every handle whose state is alive (tests check that none leak)."""
+    with _REGISTRY_LOCK:
+        return list(_REGISTRY.keys())

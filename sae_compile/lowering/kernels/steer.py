@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.state import SiteState
+from ...runtime.state import Paths, SiteState, every_path_active
 from . import torch_path, triton_sae
 
 
 def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new tensor."""
+    """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new,
+    contiguous tensor."""
+    if site.broken is not None:
+        raise RuntimeError(f"sae_compile: {site.broken}; call load_sae() again with a valid SAE to repair it.")
+    source = x
+    x = x.contiguous()  # [B, S, D]; every path below returns x's layout
     batch, seq, _ = x.shape
     rows, mask, weight = site.routing.view(batch, seq)  # [B], [B, S] bool, [B, S] 0/1
-    # The host knows which paths the assigned rows need; a captured graph must contain
-    # every path a later replay may need, so under capture all of them run.
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    paths = site.capture_paths() if capturing else site.live_paths(batch)
+    paths = _paths(x, site, batch)
     fused = x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
     out = x
     if fused and paths.sparse:
@@ -42,4 +44,11 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
         out = triton_sae.full_path(out, rows, mask, site, in_place=out is not x)
     elif paths.full:
         out = torch_path.full_path(out, rows, mask, site)
-    return x.clone() if out is x else out
+    return x.clone() if out is source else out
+
+
+def _paths(x: torch.Tensor, site: SiteState, batch: int) -> Paths:
+    """The host knows which paths the assigned rows need. A captured graph must contain every
+    path a later replay may need, so under capture (and in the warmup before it) all run."""
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return site.capture_paths() if capturing or every_path_active() else site.live_paths(batch)
