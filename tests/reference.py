@@ -13,6 +13,8 @@ Public entry points:
 - ``reference_logits(model, input_ids, *, saes, steering, ...) -> logits``.
 - ``reference_generate(model, input_ids, *, saes, steering, max_new_tokens, ...) -> ids``:
   greedy decoding without a KV cache (the whole sequence is recomputed every step).
+- ``steered_generation(model, input_ids, *, saes, steering)``: a context manager that keeps
+  the steering hooked on ``model`` for one HF ``model.generate`` (e.g. to replay sampling).
 
 Which module implements each hook on each architecture comes from the hand-written table
 in ``tests/models.py``.
@@ -69,8 +71,9 @@ def _sae64(sae: SAE, device: torch.device) -> dict[str, torch.Tensor]:
 def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
     """``f = act((x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc)`` in float64.
 
-    act is relu; jumprelu (``pre_i if pre_i > theta_i else 0``, per-feature theta); or topk
-    (keep the k largest entries of ``relu(pre)``, the lower index first at a tie; zero the rest).
+    act is relu; jumprelu (``relu(pre_i) * (pre_i > theta_i)``, per-feature theta, SAELens'
+    convention: a negative theta never lets a negative ``pre_i`` through); or topk (keep the k
+    largest entries of ``relu(pre)``, the lower index first at a tie; zero the rest).
     """
     w = _sae64(sae, x64.device)
     x64 = x64.to(torch.float64)
@@ -81,7 +84,7 @@ def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
     if sae.activation == "relu":
         return torch.where(pre > 0, pre, zero)
     if sae.activation == "jumprelu":
-        return torch.where(pre > w["threshold"], pre, zero)
+        return torch.relu(pre) * (pre > w["threshold"])
     if sae.activation == "topk":
         assert sae.k is not None
         act = torch.where(pre > 0, pre, zero)
@@ -185,16 +188,15 @@ def apply_steering_at_site(
 
 def normalize_steering(steering: SteeringArg, batch: int) -> list[Steering | None]:
     """One ``Steering`` (or None) per row, following DESIGN §3's accepted forms."""
-    if steering is None:
-        return [None] * batch
+    if steering is None or (isinstance(steering, Sequence) and len(steering) == 0):
+        return [None] * batch  # an empty list is "no edits", not a per-row list of length 0
     if isinstance(steering, Steering):
         return [steering] * batch
     if isinstance(steering, (Clamp, AddVector, Reconstruct)):
         raise TypeError("reference: pass a Steering or a list of edits, not a bare edit")
     items = list(steering)
     if all(isinstance(e, (Clamp, AddVector, Reconstruct)) for e in items):
-        s = Steering(*items)  # a list of edits (an empty list included) applies to every row
-        return [s] * batch
+        return [Steering(*items)] * batch  # a list of edits applies to every row
     if all(e is None or isinstance(e, Steering) for e in items):
         if len(items) != batch:
             raise ValueError(f"reference: per-row steering list has {len(items)} entries for a batch of {batch}")
@@ -279,7 +281,12 @@ def token_scope_mask(
 class _RowPlan(NamedTuple):
     row: int
     steering: Steering
-    mask: torch.Tensor  # bool [S]
+    masks: list[torch.Tensor]  # the caller's list, read at every forward (it may change between them)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Bool ``[S]``: the positions of this row's current forward that are steered."""
+        return self.masks[self.row]
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
@@ -296,7 +303,7 @@ def _steer_batch(x: torch.Tensor, site: str, plans: list[_RowPlan], sae: SAE | N
     out = x.clone()  # fresh tensor: never write into a tensor the model may still alias
     for p in plans:
         if x.shape[1] != p.mask.shape[0]:
-            raise RuntimeError(f"reference: {site} saw {x.shape[1]} positions, expected {p.mask.shape[0]} (no KV cache)")
+            raise RuntimeError(f"reference: {site} saw {x.shape[1]} positions, the token masks have {p.mask.shape[0]}")
         out[p.row] = apply_steering_at_site(x[p.row], site, p.steering, sae, p.mask.to(x.device))
     return out
 
@@ -311,7 +318,9 @@ def steering_hooks(
     """Temporarily hook ``model`` so that row b is steered by ``rows[b]`` on positions ``masks[b]``.
 
     ``rows`` must already use canonical site names (``masks[b]`` already folds in the
-    token scope and padding). The hooks are removed on exit, also on error.
+    token scope and padding). ``masks`` is read at every forward, so a caller may replace
+    its items between forwards (``steered_generation`` does, per decode step). The hooks
+    are removed on exit, also on error.
     """
     saes = {canonical_site(model, k): v for k, v in saes.items()}
     # site -> rows with at least one edit there
@@ -320,7 +329,7 @@ def steering_hooks(
         if s is None:
             continue
         for site in s.sites:
-            plans.setdefault(site, []).append(_RowPlan(b, s, masks[b]))
+            plans.setdefault(site, []).append(_RowPlan(b, s, masks))
 
     def site(layer: int, kind: str) -> str:
         return f"blocks.{layer}.hook_{kind}"
@@ -414,6 +423,17 @@ def _prompt_lens(prompt_len: int | Sequence[int] | None, batch: int, seq_len: in
     return lens
 
 
+def _row_masks(
+    rows: list[Steering | None], seq_len: int, prompt_lens: list[int], attention_mask: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """Each row's ``token_scope_mask`` over ``seq_len`` positions."""
+    return [
+        token_scope_mask(s.tokens if s is not None else "all", seq_len, prompt_lens[b],
+                         None if attention_mask is None else attention_mask[b])
+        for b, s in enumerate(rows)
+    ]
+
+
 def reference_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -436,12 +456,7 @@ def reference_logits(
     saes = dict(saes or {})
     batch, seq_len = input_ids.shape
     rows = [_canonical_steering(model, s) for s in normalize_steering(steering, batch)]
-    plens = _prompt_lens(prompt_len, batch, seq_len)
-    masks = [
-        token_scope_mask(s.tokens if s is not None else "all", seq_len, plens[b],
-                         None if attention_mask is None else attention_mask[b])
-        for b, s in enumerate(rows)
-    ]
+    masks = _row_masks(rows, seq_len, _prompt_lens(prompt_len, batch, seq_len), attention_mask)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -498,3 +513,32 @@ def reference_generate(
         if eos_token_id is not None and bool(done.all()):
             break
     return ids
+
+
+@contextmanager
+def steered_generation(
+    model: nn.Module, input_ids: torch.Tensor, *, saes: dict[str, SAE] | None = None, steering: SteeringArg = None,
+) -> Iterator[None]:
+    """Keep ``steering`` hooked on ``model`` for a whole HF ``model.generate(input_ids, ...)``.
+
+    Unlike ``reference_generate`` this lets HF decode (KV cache, sampling and its RNG draws
+    included), so a seeded sampled run of the steered model can be replayed on the eager
+    one. Each forward's token masks come from its ``attention_mask`` (HF generate passes
+    the whole mask, prompt and cache included; its last ``S`` columns are this forward's
+    tokens): position ``p`` of that mask is "generated" iff ``p >= input_ids.shape[1]``.
+    """
+    batch, prompt_len = input_ids.shape
+    rows = [_canonical_steering(model, s) for s in normalize_steering(steering, batch)]
+    masks: list[torch.Tensor] = []
+
+    def scope(module, args, kwargs):
+        seq, attention = kwargs["input_ids"].shape[1], kwargs["attention_mask"]
+        full = _row_masks(rows, attention.shape[1], [prompt_len] * batch, attention)
+        masks[:] = [m[-seq:] for m in full]
+
+    handle = model.register_forward_pre_hook(scope, with_kwargs=True)
+    try:
+        with torch.no_grad(), steering_hooks(model, dict(saes or {}), rows, masks):
+            yield
+    finally:
+        handle.remove()

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import sae_compile as sc
 from tests.factories import random_sae
 from tests.models import hidden_size, make_model
-from tests.reference import reference_generate
+from tests.reference import reference_generate, steered_generation
 
 POST = "blocks.1.hook_resid_post"
 NEW = 6
@@ -32,6 +32,7 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@torch.no_grad()  # steered.generate refuses to run with gradients enabled (the op has no backward)
 def generate(steered, model, **kwargs) -> torch.Tensor:
     cfg = model.generation_config
     return steered.generate(max_new_tokens=NEW, do_sample=False, eos_token_id=cfg.eos_token_id,
@@ -123,9 +124,9 @@ def test_left_padded_per_row_batch_equals_individual_generation(setup) -> None:
         assert torch.equal(alone[0, real.sum():], new_tokens[: alone.shape[1] - int(real.sum())])
 
 
-def test_streamer_and_sampling_kwargs_pass_through(setup) -> None:
+def test_streamer_receives_the_generated_tokens(setup) -> None:
     model, _, steered = setup
-    ids, mask = prompts()
+    ids, _ = prompts()
 
     class Collect:
         def __init__(self) -> None:
@@ -140,12 +141,37 @@ def test_streamer_and_sampling_kwargs_pass_through(setup) -> None:
     streamer = Collect()
     single = ids[1:2]
     greedy = generate(steered, model, input_ids=single, steering=STEERINGS["all"], streamer=streamer)
-    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])
+    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])  # [0] is the prompt, [-1] the end
     assert torch.equal(streamed, greedy[0, single.shape[1]:])
+
+
+#: Wide enough that a sampled run departs from the greedy one within NEW tokens.
+SAMPLING = dict(do_sample=True, top_k=20, temperature=1.5)
+
+
+@torch.no_grad()
+def sample(generate_fn, **kwargs) -> torch.Tensor:
+    """``generate_fn`` sampling NEW tokens from the padded prompts, torch's RNG seeded the same each time."""
+    ids, mask = prompts()
     torch.manual_seed(0)
-    first = steered.generate(input_ids=ids, attention_mask=mask, steering=STEERINGS["all"], max_new_tokens=NEW,
-                             do_sample=True, top_k=5, temperature=0.7)
-    torch.manual_seed(0)
-    again = steered.generate(input_ids=ids, attention_mask=mask, steering=STEERINGS["all"], max_new_tokens=NEW,
-                             do_sample=True, top_k=5, temperature=0.7)
-    assert torch.equal(first, again) and first.shape == (3, ids.shape[1] + NEW)
+    return generate_fn(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, **SAMPLING, **kwargs)
+
+
+def test_unsteered_sampling_draws_what_plain_hf_sampling_draws(setup) -> None:
+    model, _, steered = setup
+    got = sample(steered.generate, steering=None)
+    assert torch.equal(got, sample(model.generate))
+    ids, mask = prompts()
+    greedy = generate(steered, model, input_ids=ids, attention_mask=mask, steering=None)
+    assert not torch.equal(got, greedy), "the sampling must depart from greedy, or this proves nothing"
+
+
+@pytest.mark.parametrize("scope", list(STEERINGS))
+def test_steered_sampling_draws_what_the_hooked_reference_draws(setup, scope: str) -> None:
+    model, saes, steered = setup
+    steering = STEERINGS[scope]
+    got = sample(steered.generate, steering=steering)
+    with steered_generation(model, prompts()[0], saes=saes, steering=steering):
+        expected = sample(model.generate)
+    assert torch.equal(got, expected)
+    assert not torch.equal(expected, sample(model.generate)), "the steering must change the sampled text"
