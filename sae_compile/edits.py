@@ -33,6 +33,14 @@ def _finite_float(owner: str, name: str, value: object) -> float:
     return float(value)
 
 
+def _choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: {name} must be a string, one of {choices}; got {type(value).__name__}.")
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}.")
+    return value
+
+
 def _site_name(owner: str, site: object) -> str:
     if not isinstance(site, str):
         raise TypeError(f"{owner}: site must be a string such as 'blocks.3.hook_resid_post', got {type(site).__name__}.")
@@ -55,8 +63,7 @@ class Clamp:
         if self.feature < 0:
             raise ValueError(f"Clamp: feature must be >= 0, got {self.feature}.")
         object.__setattr__(self, "value", _finite_float("Clamp", "value", self.value))
-        if self.mode not in CLAMP_MODES:
-            raise ValueError(f"Clamp: mode must be one of {CLAMP_MODES}, got {self.mode!r}.")
+        _choice("Clamp", "mode", self.mode, CLAMP_MODES)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,10 +82,15 @@ class AddVector:
         _site_name("AddVector", self.site)
         if not isinstance(self.vector, torch.Tensor):
             raise TypeError(f"AddVector: vector must be a torch.Tensor, got {type(self.vector).__name__}.")
+        if not self.vector.is_floating_point():
+            raise TypeError(
+                f"AddVector: vector must be a floating point tensor, got dtype {self.vector.dtype}; "
+                "it is added to the residual stream. Convert it with .float()."
+            )
         if self.vector.dim() != 1:
             raise ValueError(f"AddVector: vector must be 1-D [d_model], got shape {tuple(self.vector.shape)}.")
-        if not self.vector.is_floating_point() or not bool(torch.isfinite(self.vector).all()):
-            raise ValueError("AddVector: vector must be a floating point tensor with no NaN or inf.")
+        if not bool(torch.isfinite(self.vector).all()):
+            raise ValueError("AddVector: vector must have no NaN or inf; they would poison the residual stream.")
         object.__setattr__(self, "vector", self.vector.detach().clone())
         object.__setattr__(self, "scale", _finite_float("AddVector", "scale", self.scale))
 
@@ -127,8 +139,7 @@ class Steering:
                 raise TypeError(
                     f"Steering: every edit must be a Clamp, AddVector or Reconstruct, got {type(edit).__name__}."
                 )
-        if tokens not in TOKEN_SCOPES:
-            raise ValueError(f"Steering: tokens must be one of {TOKEN_SCOPES}, got {tokens!r}.")
+        _choice("Steering", "tokens", tokens, TOKEN_SCOPES)
         object.__setattr__(self, "edits", tuple(edits))
         object.__setattr__(self, "tokens", tokens)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sae_compile as sc
+from sae_compile.runtime.staging import per_row_steerings
 from tests.factories import assert_rel_close, random_sae
 from tests.models import hidden_size, make_model
 from tests.reference import reference_logits
@@ -84,11 +85,16 @@ def test_grad_mode_is_rejected(setup) -> None:
         (lambda: sc.Clamp(POST, 1, float("inf"), "add"), ValueError, "must be finite"),
         (lambda: sc.Clamp(POST, -1, 1.0), ValueError, "feature must be >= 0"),
         (lambda: sc.Clamp(POST, 1.5, 1.0), TypeError, "feature must be an int"),
+        (lambda: sc.Clamp(POST, 1, "2.0"), TypeError, "value must be a real number"),
         (lambda: sc.Clamp(POST, 1, 1.0, "clip"), ValueError, "mode must be one of"),
+        (lambda: sc.Clamp(POST, 1, 1.0, 2), TypeError, "mode must be a string"),
+        (lambda: sc.AddVector(POST, [1.0, 2.0]), TypeError, "vector must be a torch.Tensor"),
+        (lambda: sc.AddVector(POST, torch.ones(4, dtype=torch.long)), TypeError, "floating point tensor, got dtype torch.int64"),
         (lambda: sc.AddVector(POST, torch.tensor([1.0, float("nan")])), ValueError, "no NaN or inf"),
         (lambda: sc.AddVector(POST, torch.ones(4), float("inf")), ValueError, "scale must be finite"),
         (lambda: sc.AddVector(POST, torch.ones(2, 2)), ValueError, "1-D"),
         (lambda: sc.Steering(sc.Clamp(POST, 1, 1.0), tokens="decode"), ValueError, "tokens must be one of"),
+        (lambda: sc.Steering(sc.Clamp(POST, 1, 1.0), tokens=None), TypeError, "tokens must be a string"),
         (lambda: sc.Steering("clamp"), TypeError, "every edit must be"),
         (lambda: sc.Reconstruct(3), TypeError, "site must be a string"),
     ],
@@ -96,6 +102,28 @@ def test_grad_mode_is_rejected(setup) -> None:
 def test_bad_edit_values_are_rejected(make, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         make()
+
+
+def test_an_empty_steering_list_steers_no_row(setup) -> None:
+    assert per_row_steerings([], 3) == [None, None, None]
+    assert per_row_steerings((), 2) == [None, None]
+    _, _, steered = setup
+    with torch.no_grad():
+        assert torch.equal(steered(X, steering=[]).logits, steered(X, steering=None).logits)
+
+
+@pytest.mark.parametrize(
+    ("steering", "error", "match"),
+    [
+        (["clamp"], TypeError, "not a mix; got str"),
+        ([GOOD, sc.Clamp(POST, 1, 1.0)], TypeError, "not a mix; got Clamp, Steering"),
+        ({POST: GOOD}, TypeError, "steering must be None, a Steering, .* got dict"),
+        ([GOOD, None], ValueError, "2 entries for a batch of 3"),
+    ],
+)
+def test_bad_steering_argument(steering: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        per_row_steerings(steering, 3)
 
 
 def test_bad_steer_arguments() -> None:
@@ -114,8 +142,10 @@ def test_bad_steer_arguments() -> None:
         sc.steer(model, {"blocks.0.hook_resid_post": sae, "gpt_neox.layers.0": sae}, backend="aot_eager")
     with pytest.raises(TypeError, match="must be an SAE"):
         sc.steer(model, {"blocks.0.hook_resid_post": "sae.safetensors"}, backend="aot_eager")
-    with pytest.raises(ValueError, match="max_rows must be a positive int"):
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
         sc.steer(model, {"blocks.0.hook_resid_post": sae}, max_rows=0)
+    with pytest.raises(TypeError, match="max_clamps must be an int, got str"):
+        sc.steer(model, {"blocks.0.hook_resid_post": sae}, max_clamps="16")
     with pytest.raises(ValueError, match="mode= and options= configure Inductor"):
         sc.steer(model, {"blocks.0.hook_resid_post": sae}, backend="aot_eager", mode="max-autotune")
 
