@@ -152,8 +152,9 @@ def _branch_children(layer_path: str, layer: nn.Module) -> tuple[str | None, str
 
     A child is matched on its class name first (``LlamaAttention``, ``GPT2MLP``), then on
     its attribute name, and is never a norm or dropout wrapper. Models name these modules
-    freely, so a name heuristic is unavoidable here; a wrong match costs sites, not wrong
-    ones, because ``find_site_nodes`` names a branch only where the graph has its shape.
+    freely, so a name heuristic is unavoidable here. ``find_site_nodes`` names branch sites
+    only where the graph shows an attention-then-MLP (or parallel) layer, so a wrong match
+    loses those sites rather than swapping them.
     """
     children = [
         (name, type(child).__name__.lower())
