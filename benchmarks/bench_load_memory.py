@@ -60,17 +60,17 @@ def _child(row: str, folder: str) -> dict[str, float]:
     import torch
 
     from sae_compile import checkpoints
+    from sae_compile.sae import load_sae
 
     start = time.perf_counter()
     if row == "load_sae":
-        sae = checkpoints.load_sae(folder)
+        sae = load_sae(folder)
         _touch([sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
     elif row == "load_sae_bf16":
-        sae = checkpoints.load_sae(folder, dtype=torch.bfloat16)
+        sae = load_sae(folder, dtype=torch.bfloat16)
         _touch([sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
     elif row == "readers_only":
-        fmt, weights_file = checkpoints.detect_format(folder)
-        ckpt = checkpoints._LOADERS[fmt](weights_file, None, checkpoints._Reading(None, None))
+        ckpt = checkpoints.read_checkpoint(folder)
         _touch([ckpt.W_enc, ckpt.W_dec, ckpt.b_enc, ckpt.b_dec])
     elif row == "mmap_then_clone":
         from safetensors import safe_open

@@ -1,6 +1,7 @@
 """Read SAE checkpoints from the public releases and write them in the SAELens layout (DESIGN §6).
 
-``load_sae(path)`` recognises four layouts without importing the library that wrote them:
+``read_checkpoint(path)`` (behind ``sc.SAE.load`` and ``sae_compile.sae.load_sae``) recognises four
+layouts without importing the library that wrote them:
 
 ==========================  ===========================================================
 format                      files
@@ -16,7 +17,13 @@ Each loader reproduces the encode/decode of the library that wrote the file, as 
 (``pre = (x - b_dec?) @ W_enc + b_enc``, ``f = act(pre)``, ``x_hat = f @ W_dec + b_dec``). What a
 format can express but §4 cannot (normalisation, gating, transcoders, skip connections) is rejected
 with a ``ValueError`` rather than approximated. Every malformed-file error names the file and
-the key.
+the key. JumpReLU thresholds are kept as stored, negative ones included: every source library's
+JumpReLU is ``relu(pre) * (pre > θ)`` (dictionary_learning's BatchTopK and JumpReLU classes write
+it differently but agree for every θ), and so is ``sc.SAE``'s.
+
+Nothing here builds an ``sc.SAE``: ``read_checkpoint`` returns a ``Checkpoint`` (the SAE
+constructor's arguments) and ``sae_compile.sae`` builds the SAE from it, so this module does not
+import ``sae_compile.sae``.
 
 Memory: safetensors files are memory-mapped and each tensor is used in place (a transpose is a
 view), so loading adds no second host copy of the weights; ``ae.pt`` is memory-mapped too when it
@@ -33,16 +40,12 @@ import re
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from .sae import SAE
-
-FORMATS: tuple[str, ...] = ("saelens", "gemma_scope", "sparsify", "dictionary_learning")
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -59,19 +62,50 @@ _BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 # ----------------------------------------------------------------------------------------- public
 
 
-def load_sae(
+class Checkpoint(NamedTuple):
+    """What a checkpoint holds, in DESIGN §4 terms: the ``sc.SAE`` constructor's arguments by name,
+    so ``SAE(**checkpoint._asdict())`` builds it."""
+
+    W_enc: torch.Tensor  # [d_in, d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_in]
+    b_enc: torch.Tensor  # [d_sae]
+    b_dec: torch.Tensor  # [d_in]
+    activation: str  # "relu" | "jumprelu" | "topk"
+    threshold: torch.Tensor | None  # [d_sae], jumprelu only
+    k: int | None  # topk only
+    apply_b_dec_to_input: bool
+    hook_name: str | None
+
+
+@runtime_checkable
+class SAEFields(Protocol):
+    """Anything with the SAE's constructor arguments as attributes: an ``sc.SAE`` or a ``Checkpoint``."""
+
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    activation: str
+    threshold: torch.Tensor | None
+    k: int | None
+    apply_b_dec_to_input: bool
+    hook_name: str | None
+
+
+def read_checkpoint(
     path: str | os.PathLike[str],
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     hook_name: str | None = None,
     layer: int | None = None,
-) -> SAE:
-    """Load an SAE checkpoint, detecting its format from the files (see the module docstring).
+) -> Checkpoint:
+    """Read an SAE checkpoint, detecting its format from the files (see the module docstring).
 
+    ``sae_compile.sae.load_sae`` and ``SAE.load`` build the SAE from what this returns.
     ``path`` is the checkpoint folder or its weights file. ``dtype=None`` keeps the dtype stored
-    in the file; ``device=None`` keeps the tensors on the CPU. With neither, the SAE's weights
-    are views of the memory-mapped file.
+    in the file; ``device=None`` keeps the tensors on the CPU. With neither, the tensors are
+    views of the memory-mapped file.
 
     ``hook_name`` is the TransformerLens hook the SAE was trained on (``blocks.{L}.hook_resid_post``
     etc.), read from the checkpoint: SAELens ``cfg.json`` (``metadata.hook_name``, else
@@ -83,48 +117,29 @@ def load_sae(
     its hook point and change only the layer.
 
     Raises ``ValueError`` naming the file (and key) for an unknown layout, a missing key, a shape
-    mismatch, non-finite weights, or an architecture/normalisation this library cannot run exactly.
+    mismatch, non-finite weights, or an architecture/normalisation this library cannot run exactly,
+    and ``TypeError`` for options of the wrong kind.
     """
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"load_sae: dtype must be a floating point torch.dtype or None, got {dtype!r}.")
-    if hook_name is not None and not isinstance(hook_name, str):
-        raise TypeError(f"load_sae: hook_name must be a str or None, got {type(hook_name).__name__}.")
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-        raise TypeError(f"load_sae: layer must be an int or None, got {type(layer).__name__}.")
-    if layer is not None and layer < 0:
-        raise ValueError(f"load_sae: layer must be >= 0, got {layer}. Layers count from 0, as in blocks.0.")
-    if hook_name is not None and layer is not None:
-        raise ValueError(
-            f"load_sae: got both hook_name={hook_name!r} and layer={layer}. hook_name already names "
-            "the layer, so the two could disagree. Pass only one of them."
-        )
+    _check_read_options(dtype, hook_name, layer)
     fmt, weights_file = detect_format(path)
     reading = _Reading(dtype=dtype, device=None if device is None else torch.device(device))
-    ckpt = _LOADERS[fmt](weights_file, layer, reading)
-    return SAE(
-        ckpt.W_enc, ckpt.W_dec, ckpt.b_enc, ckpt.b_dec,
-        activation=ckpt.activation, threshold=ckpt.threshold, k=ckpt.k,
-        apply_b_dec_to_input=ckpt.apply_b_dec_to_input,
-        hook_name=hook_name if hook_name is not None else ckpt.hook_name,
-    )
+    checkpoint = _LOADERS[fmt](weights_file, layer, reading)
+    return checkpoint if hook_name is None else checkpoint._replace(hook_name=hook_name)
 
 
-def save_sae(sae: SAE, path: str | os.PathLike[str]) -> None:
-    """Write ``sae`` to the folder ``path`` in the SAELens layout: ``cfg.json`` + ``sae_weights.safetensors``.
+def save_sae(sae: SAEFields, path: str | os.PathLike[str]) -> None:
+    """Write ``sae`` (an ``sc.SAE`` or a ``Checkpoint``) to the folder ``path`` in the SAELens
+    layout: ``cfg.json`` + ``sae_weights.safetensors``.
 
-    ``load_sae`` reads it back exactly (same tensors, dtype, activation, k, threshold,
+    ``read_checkpoint`` reads it back exactly (same tensors, dtype, activation, k, threshold,
     ``apply_b_dec_to_input`` and ``hook_name``), and SAELens reads it with the same encode/decode.
     Both files are replaced atomically, so saving over the checkpoint an SAE was loaded from is
     safe (that SAE's tensors may be views of the old file's mapping).
     """
-    if not isinstance(sae, SAE):
-        raise TypeError(f"save_sae: expected an sae_compile SAE, got {type(sae).__name__}.")
-    if sae.threshold is not None and bool((sae.threshold < 0).any()):
-        raise ValueError(
-            "save_sae: this SAE has negative JumpReLU thresholds. SAELens computes "
-            "relu(pre) * (pre > threshold), which differs from this SAE's activation for pre in "
-            "(threshold, 0), so the saved file would not mean the same SAE. Clamp the threshold "
-            "at 0 (sae.threshold.clamp(min=0)) before saving."
+    if not isinstance(sae, SAEFields):
+        raise TypeError(
+            f"save_sae: expected an sae_compile SAE (or a Checkpoint), got {type(sae).__name__}. "
+            "It needs the SAE's weights and settings; build one with sc.SAE(...) first."
         )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -132,12 +147,13 @@ def save_sae(sae: SAE, path: str | os.PathLike[str]) -> None:
     if sae.threshold is not None:
         tensors["threshold"] = sae.threshold
     _atomic_write(folder / SAELENS_WEIGHTS, lambda tmp: save_file(_distinct_contiguous(tensors), tmp))
-    cfg = _saelens_cfg(sae)
+    cfg = _saelens_cfg_of(sae)
     _atomic_write(folder / SAELENS_CFG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """The checkpoint format at ``path`` (one of ``FORMATS``) and the weights file to read.
+    """The checkpoint format at ``path`` (``saelens``, ``gemma_scope``, ``sparsify`` or
+    ``dictionary_learning``) and the weights file to read.
 
     ``path`` may be a checkpoint folder or the weights file inside one. Raises ``ValueError``
     naming the path when no known layout matches.
@@ -172,6 +188,22 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
                 return "gemma_scope", path
             raise _unknown_layout(path, sorted(weights.keys))
     raise _unknown_layout(path, [path.name])
+
+
+def _check_read_options(dtype: torch.dtype | None, hook_name: str | None, layer: int | None) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"load_sae: dtype must be a floating point torch.dtype or None, got {dtype!r}.")
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise TypeError(f"load_sae: hook_name must be a str or None, got {type(hook_name).__name__}.")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise TypeError(f"load_sae: layer must be an int or None, got {type(layer).__name__}.")
+    if layer is not None and layer < 0:
+        raise ValueError(f"load_sae: layer must be >= 0, got {layer}. Layers count from 0, as in blocks.0.")
+    if hook_name is not None and layer is not None:
+        raise ValueError(
+            f"load_sae: got both hook_name={hook_name!r} and layer={layer}. hook_name already names "
+            "the layer, so the two could disagree. Pass only one of them."
+        )
 
 
 # ------------------------------------------------------------------------------------ file reading
@@ -267,9 +299,16 @@ def _open_weights(path: Path, reading: _Reading) -> Iterator[_Weights]:
 
 def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """A torch-saved state dict, read without running pickled code (``weights_only=True``)."""
-    # mmap needs torch's zip container; legacy (pre-1.6) files are read into memory instead.
-    with _reraise_corrupt(path, (pickle.UnpicklingError, RuntimeError, EOFError, OSError)):
+    try:
+        # mmap needs torch's zip container; legacy (pre-1.6) files are read into memory instead.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path}: cannot be read as a state dict of tensors ({type(e).__name__}: {e}). Either the file "
+            "is corrupt or truncated, or it pickles objects other than tensors, which are never unpickled "
+            "here because unpickling them runs code from the file. Re-download it, or re-save it with "
+            "torch.save(ae.state_dict(), path)."
+        ) from e
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -373,20 +412,6 @@ def _unknown_layout(path: Path, contents: list[str]) -> ValueError:
 # -------------------------------------------------------------------------------------- loaders
 
 
-class _Checkpoint(NamedTuple):
-    """What a format loader read: the SAE constructor's arguments, in DESIGN §4 terms."""
-
-    W_enc: torch.Tensor  # [d_in, d_sae]
-    W_dec: torch.Tensor  # [d_sae, d_in]
-    b_enc: torch.Tensor  # [d_sae]
-    b_dec: torch.Tensor  # [d_in]
-    activation: str
-    threshold: torch.Tensor | None  # [d_sae], jumprelu only
-    k: int | None
-    apply_b_dec_to_input: bool
-    hook_name: str | None
-
-
 def _block_hook(layer: int | None, point: str | None) -> str | None:
     return None if layer is None or point is None else f"blocks.{layer}.{point}"
 
@@ -405,66 +430,28 @@ def _relayer(hook_name: str | None, layer: int | None, file: Path) -> str | None
     return f"blocks.{layer}.{match.group(2)}"
 
 
-def _jumprelu_threshold(threshold: torch.Tensor) -> torch.Tensor:
-    # Every source library computes relu(pre) * (pre > θ); for θ < 0 that is relu, i.e. §4's
-    # jumprelu with θ = 0. Clamping makes the two agree for all θ (θ >= 0 is unchanged).
-    return threshold.clamp(min=0)
-
-
-def _load_saelens(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+def _load_saelens(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
     cfg_file = weights_file.parent / SAELENS_CFG
     cfg = _read_json(cfg_file)
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     architecture = _saelens_architecture(cfg, cfg_file)
-    normalize = cfg.get("normalize_activations", "none")
-    if normalize not in ("none", None, False):
-        raise _reject(
-            cfg_file, "normalize_activations", normalize,
-            "The SAE expects its input rescaled by statistics that are not part of the SAE math "
-            "(DESIGN §4), so steering with it as-is would be wrong.", "'none'",
-        )
-    head = metadata.get("hook_head_index", cfg.get("hook_head_index"))
-    if head is not None:
-        raise _reject(
-            cfg_file, "hook_head_index", head, "The SAE reads a single attention head, which is not a site.", "null"
-        )
-    if cfg.get("rescale_acts_by_decoder_norm", False):
-        raise _reject(
-            cfg_file, "rescale_acts_by_decoder_norm", True,
-            "Feature activations are scaled by decoder norms, which the SAE math does not do.",
-            "false (SAELens: sae.fold_W_dec_norm() then sae.save_model())",
-        )
+    _reject_saelens_extras(cfg, metadata, cfg_file)
     d_in, d_sae = _cfg_int(cfg, "d_in", cfg_file), _cfg_int(cfg, "d_sae", cfg_file)
-    k = None
-    if architecture == "topk":
-        k_key, k_value = ("k", cfg.get("k")) if "k" in cfg else (
-            "activation_fn_kwargs.k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-        k = _topk_k(k_value, d_sae, cfg_file, k_key)
-    # SAELens's own default when the key is absent (pre-6.0 configs) is True.
-    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    k = _saelens_k(cfg, d_sae, cfg_file) if architecture == "topk" else None
     hook = metadata.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     with _open_weights(weights_file, reading) as weights:
-        scale_key = _first_present(weights, "scaling_factor", "finetuning_scaling_factor")
-        if scale_key is not None and not bool((weights.raw(scale_key) == 1).all()):
-            raise _reject(
-                weights_file, scale_key, "not all ones",
-                "Decoded features are scaled by a fine-tuning factor the SAE math does not have.", "all ones or absent",
-            )
-        threshold = None
-        if architecture == "jumprelu":
-            if "threshold" not in weights and "log_threshold" in weights:
-                # Older SAELens JumpReLU checkpoints store log θ; SAELens converts with exp as well.
-                threshold = weights.tensor("log_threshold", (d_sae,), "[d_sae]").exp()
-            else:
-                threshold = weights.tensor("threshold", (d_sae,), "[d_sae]")
-            threshold = _jumprelu_threshold(threshold)
-        return _Checkpoint(
+        _reject_saelens_scaling(weights)
+        return Checkpoint(
             W_enc=weights.tensor("W_enc", (d_in, d_sae), "[d_in, d_sae] from cfg.json"),
             W_dec=weights.tensor("W_dec", (d_sae, d_in), "[d_sae, d_in] from cfg.json"),
             b_enc=weights.tensor("b_enc", (d_sae,), "[d_sae]"),
             b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
-            activation=_SAELENS_ARCHITECTURES[architecture], threshold=threshold, k=k,
-            apply_b_dec_to_input=bool(apply_b_dec), hook_name=_relayer(hook, layer, cfg_file),
+            activation=_SAELENS_ARCHITECTURES[architecture],
+            threshold=_saelens_threshold(weights, d_sae) if architecture == "jumprelu" else None,
+            k=k,
+            # SAELens's own default when the key is absent (pre-6.0 configs) is True.
+            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+            hook_name=_relayer(hook, layer, cfg_file),
         )
 
 
@@ -486,8 +473,74 @@ def _saelens_architecture(cfg: Mapping[str, Any], cfg_file: Path) -> str:
     return architecture
 
 
-def _load_gemma_scope(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+def _reject_saelens_extras(cfg: Mapping[str, Any], metadata: Mapping[str, Any], cfg_file: Path) -> None:
+    """Refuse the SAELens options whose math is not DESIGN §4's (rather than approximate them)."""
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None, False):
+        raise _reject(
+            cfg_file, "normalize_activations", normalize,
+            "The SAE expects its input rescaled by statistics that are not part of the SAE math "
+            "(DESIGN §4), so steering with it as-is would be wrong.", "'none'",
+        )
+    head = metadata.get("hook_head_index", cfg.get("hook_head_index"))
+    if head is not None:
+        raise _reject(
+            cfg_file, "hook_head_index", head, "The SAE reads a single attention head, which is not a site.", "null"
+        )
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        raise _reject(
+            cfg_file, "rescale_acts_by_decoder_norm", True,
+            "Feature activations are scaled by decoder norms, which the SAE math does not do.",
+            "false (SAELens: sae.fold_W_dec_norm() then sae.save_model())",
+        )
+
+
+def _saelens_k(cfg: Mapping[str, Any], d_sae: int, cfg_file: Path) -> int:
+    """A TopK SAE's k: ``k`` in SAELens 6, ``activation_fn_kwargs.k`` before."""
+    if "k" in cfg:
+        return _topk_k(cfg["k"], d_sae, cfg_file, "k")
+    return _topk_k((cfg.get("activation_fn_kwargs") or {}).get("k"), d_sae, cfg_file, "activation_fn_kwargs.k")
+
+
+def _reject_saelens_scaling(weights: _Weights) -> None:
+    scale_key = _first_present(weights, "scaling_factor", "finetuning_scaling_factor")
+    if scale_key is not None and not bool((weights.raw(scale_key) == 1).all()):
+        raise _reject(
+            weights.path, scale_key, "not all ones",
+            "Decoded features are scaled by a fine-tuning factor the SAE math does not have.", "all ones or absent",
+        )
+
+
+def _saelens_threshold(weights: _Weights, d_sae: int) -> torch.Tensor:
+    if "threshold" not in weights and "log_threshold" in weights:
+        # Older SAELens JumpReLU checkpoints store log θ; SAELens converts with exp as well.
+        return weights.tensor("log_threshold", (d_sae,), "[d_sae]").exp()
+    return weights.tensor("threshold", (d_sae,), "[d_sae]")
+
+
+def _load_gemma_scope(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
     parts = [p.lower() for p in weights_file.parent.parts]
+    _reject_gemma_scope_non_saes(weights_file, parts)
+    path_layer, point = _gemma_scope_site(parts)
+    with _open_weights(weights_file, reading) as weights:
+        enc_key = _first_present(weights, "W_enc", "w_enc") or "W_enc"
+        dec_key = _first_present(weights, "W_dec", "w_dec") or "W_dec"
+        d_in, d_sae = _matrix_shape(weights, enc_key, "Gemma Scope stores the encoder as a [d_in, d_sae] matrix.")
+        return Checkpoint(
+            W_enc=weights.tensor(enc_key, (d_in, d_sae), "[d_in, d_sae]"),
+            W_dec=weights.tensor(dec_key, (d_sae, d_in), f"[d_sae, d_in] to match {enc_key}"),
+            b_enc=weights.tensor("b_enc", (d_sae,), "[d_sae]"),
+            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
+            activation="jumprelu",
+            threshold=weights.tensor("threshold", (d_sae,), "[d_sae], one per feature"),
+            k=None,
+            # Gemma Scope encodes x itself; b_dec is only added back on decode.
+            apply_b_dec_to_input=False,
+            hook_name=_block_hook(layer if layer is not None else path_layer, point),
+        )
+
+
+def _reject_gemma_scope_non_saes(weights_file: Path, parts: list[str]) -> None:
     for part in parts:
         if re.search(r"transcoder|^clt", part) or part == "embedding":
             raise _reject(
@@ -495,29 +548,14 @@ def _load_gemma_scope(weights_file: Path, layer: int | None, reading: _Reading) 
                 "Gemma Scope transcoders map one site to another and embedding SAEs need a "
                 "d_model rescale, so neither is a plain SAE.", "the res, mlp and att SAEs",
             )
-    path_layer, point = _gemma_scope_site(parts)
-    with _open_weights(weights_file, reading) as weights:
-        enc_key = _first_present(weights, "W_enc", "w_enc") or "W_enc"
-        dec_key = _first_present(weights, "W_dec", "w_dec") or "W_dec"
-        W_enc_raw = weights.raw(enc_key)
-        if W_enc_raw.dim() != 2:
-            raise ValueError(
-                f"{weights_file}: tensor {enc_key!r} has shape {tuple(W_enc_raw.shape)}, expected "
-                "[d_in, d_sae]. Gemma Scope stores the encoder as a matrix. Check the file."
-            )
-        d_in, d_sae = W_enc_raw.shape
-        return _Checkpoint(
-            W_enc=weights.tensor(enc_key, (d_in, d_sae), "[d_in, d_sae]"),
-            W_dec=weights.tensor(dec_key, (d_sae, d_in), f"[d_sae, d_in] to match {enc_key}"),
-            b_enc=weights.tensor("b_enc", (d_sae,), "[d_sae]"),
-            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
-            activation="jumprelu",
-            threshold=_jumprelu_threshold(weights.tensor("threshold", (d_sae,), "[d_sae], one per feature")),
-            k=None,
-            # Gemma Scope encodes x itself; b_dec is only added back on decode.
-            apply_b_dec_to_input=False,
-            hook_name=_block_hook(layer if layer is not None else path_layer, point),
-        )
+
+
+def _matrix_shape(weights: _Weights, key: str, why: str) -> tuple[int, int]:
+    """The shape of the matrix ``key``, whose shape the config does not give."""
+    shape = tuple(weights.raw(key).shape)
+    if len(shape) != 2:
+        raise ValueError(f"{weights.path}: tensor {key!r} has shape {shape}, expected a matrix. {why} Check the file.")
+    return shape
 
 
 def _gemma_scope_site(parts: list[str]) -> tuple[int | None, str]:
@@ -542,9 +580,31 @@ def _gemma_scope_site(parts: list[str]) -> tuple[int | None, str]:
     return layer, "hook_resid_post"
 
 
-def _load_sparsify(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+def _load_sparsify(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
     cfg_file = weights_file.parent / SPARSIFY_CFG
     cfg = _read_json(cfg_file)
+    _reject_sparsify_extras(cfg, cfg_file)
+    d_in = _cfg_int(cfg, "d_in", cfg_file)
+    # sparsify: num_latents = 0 (its default) means d_in * expansion_factor.
+    if cfg.get("num_latents"):
+        d_sae = _cfg_int(cfg, "num_latents", cfg_file)
+    else:
+        d_sae = d_in * _cfg_int(cfg, "expansion_factor", cfg_file)
+    k = _topk_k(cfg.get("k"), d_sae, cfg_file, "k")
+    with _open_weights(weights_file, reading) as weights:
+        return Checkpoint(
+            # encoder.weight.T is a [d_in, d_sae] view: no copy
+            W_enc=weights.tensor("encoder.weight", (d_sae, d_in), "[num_latents, d_in], nn.Linear layout").T,
+            W_dec=weights.tensor("W_dec", (d_sae, d_in), "[num_latents, d_in]"),
+            b_enc=weights.tensor("encoder.bias", (d_sae,), "[num_latents]"),
+            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
+            activation="topk", threshold=None, k=k,
+            apply_b_dec_to_input=True,  # sparsify encodes x - b_dec
+            hook_name=_sparsify_hook(weights_file.parent.name, layer),
+        )
+
+
+def _reject_sparsify_extras(cfg: Mapping[str, Any], cfg_file: Path) -> None:
     for key, ok, why in (
         ("activation", ("topk",), "Only TopK matches the SAE math; groupmax picks one feature per group."),
         ("transcode", (False,), "A transcoder predicts a module's output from its input, not one site's SAE."),
@@ -554,24 +614,6 @@ def _load_sparsify(weights_file: Path, layer: int | None, reading: _Reading) -> 
         value = cfg.get(key, ok[0])
         if value not in ok:
             raise _reject(cfg_file, key, value, why, repr(ok[0]))
-    d_in = _cfg_int(cfg, "d_in", cfg_file)
-    # sparsify: num_latents = 0 (its default) means d_in * expansion_factor.
-    if cfg.get("num_latents"):
-        d_sae = _cfg_int(cfg, "num_latents", cfg_file)
-    else:
-        d_sae = d_in * _cfg_int(cfg, "expansion_factor", cfg_file)
-    k = _topk_k(cfg.get("k"), d_sae, cfg_file, "k")
-    with _open_weights(weights_file, reading) as weights:
-        W_enc = weights.tensor("encoder.weight", (d_sae, d_in), "[num_latents, d_in], nn.Linear layout").T
-        return _Checkpoint(
-            W_enc=W_enc,  # a [d_in, d_sae] view: no copy
-            W_dec=weights.tensor("W_dec", (d_sae, d_in), "[num_latents, d_in]"),
-            b_enc=weights.tensor("encoder.bias", (d_sae,), "[num_latents]"),
-            b_dec=weights.tensor("b_dec", (d_in,), "[d_in]"),
-            activation="topk", threshold=None, k=k,
-            apply_b_dec_to_input=True,  # sparsify encodes x - b_dec
-            hook_name=_sparsify_hook(weights_file.parent.name, layer),
-        )
 
 
 def _sparsify_hook(hookpoint: str, layer: int | None) -> str | None:
@@ -588,103 +630,96 @@ def _sparsify_hook(hookpoint: str, layer: int | None) -> str | None:
     return _block_hook(layer if layer is not None else int(match.group(1)), point)
 
 
-def _load_dictionary_learning(weights_file: Path, layer: int | None, reading: _Reading) -> _Checkpoint:
+class _DictionaryClass(NamedTuple):
+    """How one dictionary_learning autoencoder class stores the DESIGN §4 math in its ``ae.pt``."""
+
+    linear: bool  # nn.Linear layout (encoder.weight [F, D], decoder.weight [D, F], encoder.bias), else W_enc/W_dec/b_enc
+    b_dec_key: str
+    activation: str
+    threshold: str | None  # "scalar" (one θ for all features), "per_feature", or None
+    apply_b_dec_to_input: bool
+
+
+# Each class's inference-time encode (dictionary.py, trainers/*.py), pre = encoder(x [- b_dec]):
+_DICTIONARY_LEARNING_CLASSES: dict[str, _DictionaryClass] = {
+    # relu(pre), with x - bias; decode decoder(f) + bias.
+    "AutoEncoder": _DictionaryClass(True, "bias", "relu", None, True),
+    # topk(relu(pre)). Its `threshold` buffer only serves encode(use_threshold=True), not the default.
+    "AutoEncoderTopK": _DictionaryClass(True, "b_dec", "topk", None, True),
+    # relu(pre) * (relu(pre) > θ), one θ learned in training (-1 if never set: plain relu).
+    "BatchTopKSAE": _DictionaryClass(True, "b_dec", "jumprelu", "scalar", True),
+    # As BatchTopKSAE, stored as W_enc/W_dec parameters.
+    "MatryoshkaBatchTopKSAE": _DictionaryClass(False, "b_dec", "jumprelu", "scalar", True),
+    # relu(pre * (pre > θ)) with x itself (its apply_b_dec_to_input is False unless set after loading).
+    "JumpReluAutoEncoder": _DictionaryClass(False, "b_dec", "jumprelu", "per_feature", False),
+}
+
+
+def _load_dictionary_learning(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
     cfg_file = weights_file.parent / DICTIONARY_LEARNING_CFG
-    cfg = _read_json(cfg_file)
-    trainer = cfg.get("trainer")
+    trainer = _dictionary_learning_trainer(cfg_file)
+    spec = _DICTIONARY_LEARNING_CLASSES[trainer["dict_class"]]
+    d_in, d_sae = _cfg_int(trainer, "activation_dim", cfg_file), _cfg_int(trainer, "dict_size", cfg_file)
+    with _open_weights(weights_file, reading) as weights:
+        W_enc, W_dec, b_enc = _dictionary_matrices(weights, spec.linear, d_in, d_sae)
+        return Checkpoint(
+            W_enc=W_enc, W_dec=W_dec, b_enc=b_enc,
+            b_dec=weights.tensor(spec.b_dec_key, (d_in,), "[activation_dim]"),
+            activation=spec.activation,
+            threshold=_dictionary_threshold(weights, spec.threshold, d_sae),
+            k=_dictionary_k(weights, trainer, d_sae, cfg_file) if spec.activation == "topk" else None,
+            apply_b_dec_to_input=spec.apply_b_dec_to_input,
+            hook_name=_dictionary_learning_hook(trainer, layer),
+        )
+
+
+def _dictionary_learning_trainer(cfg_file: Path) -> Mapping[str, Any]:
+    """The ``trainer`` entry of config.json, checked to name a class this library can run."""
+    trainer = _read_json(cfg_file).get("trainer")
     if not isinstance(trainer, dict):
         raise ValueError(
             f"{cfg_file}: missing config key 'trainer'. dictionary_learning writes the autoencoder's "
             "class and shape there. Use the config.json saved next to ae.pt."
         )
-    dict_class = trainer.get("dict_class")
-    if dict_class not in _DICTIONARY_LEARNING_CLASSES:
+    if trainer.get("dict_class") not in _DICTIONARY_LEARNING_CLASSES:
         raise _reject(
-            cfg_file, "trainer.dict_class", dict_class,
+            cfg_file, "trainer.dict_class", trainer.get("dict_class"),
             "Only these autoencoders have the encode/decode of DESIGN §4.", f"{sorted(_DICTIONARY_LEARNING_CLASSES)}",
         )
-    d_in, d_sae = _cfg_int(trainer, "activation_dim", cfg_file), _cfg_int(trainer, "dict_size", cfg_file)
-    with _open_weights(weights_file, reading) as weights:
-        ckpt = _DICTIONARY_LEARNING_CLASSES[dict_class](weights, trainer, d_in, d_sae, cfg_file)
-    hook = _dictionary_learning_hook(trainer, layer)
-    return ckpt._replace(hook_name=hook)
+    return trainer
 
 
-def _dl_autoencoder(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
-    # AutoEncoder: encode relu(encoder(x - bias)), decode decoder(f) + bias.
-    return _Checkpoint(
-        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
-        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
-        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
-        b_dec=w.tensor("bias", (d_in,), "[activation_dim]"),
-        activation="relu", threshold=None, k=None, apply_b_dec_to_input=True, hook_name=None,
+def _dictionary_matrices(
+    w: _Weights, linear: bool, d_in: int, d_sae: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_enc [D, F]``, ``W_dec [F, D]``, ``b_enc [F]``; nn.Linear weights as transposed views, no copy."""
+    if linear:
+        return (
+            w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
+            w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
+            w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
+        )
+    return (
+        w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
+        w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
+        w.tensor("b_enc", (d_sae,), "[dict_size]"),
     )
 
 
-def _dl_topk(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
-    # AutoEncoderTopK: encode topk(relu(encoder(x - b_dec))), decode decoder(f) + b_dec. Its
-    # `threshold` buffer is only used by encode(use_threshold=True), which is not the default.
+def _dictionary_threshold(w: _Weights, kind: str | None, d_sae: int) -> torch.Tensor | None:
+    if kind == "scalar":
+        return w.tensor("threshold", (), "a scalar").expand(d_sae).contiguous()
+    if kind == "per_feature":
+        return w.tensor("threshold", (d_sae,), "[dict_size]")
+    return None
+
+
+def _dictionary_k(w: _Weights, trainer: Mapping[str, Any], d_sae: int, cfg_file: Path) -> int:
+    """A TopK autoencoder's k: ``trainer.k`` in config.json, else the ``k`` buffer in ae.pt."""
     if "k" in trainer:
-        k = _topk_k(trainer["k"], d_sae, cfg_file, "trainer.k")
-    else:
-        k_raw = w.raw("k")
-        k = _topk_k(int(k_raw) if k_raw.numel() == 1 else None, d_sae, w.path, "k")
-    return _Checkpoint(
-        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
-        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
-        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
-        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
-        activation="topk", threshold=None, k=k, apply_b_dec_to_input=True, hook_name=None,
-    )
-
-
-def _dl_batch_topk(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
-    # BatchTopKSAE: inference encode is relu(pre) * (relu(pre) > θ) with one scalar θ learned in
-    # training (θ = -1 if never set, i.e. plain relu), pre = encoder(x - b_dec).
-    threshold = w.tensor("threshold", (), "a scalar")
-    return _Checkpoint(
-        W_enc=w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
-        W_dec=w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
-        b_enc=w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
-        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
-        activation="jumprelu", threshold=_jumprelu_threshold(threshold.expand(d_sae)), k=None,
-        apply_b_dec_to_input=True, hook_name=None,
-    )
-
-
-def _dl_matryoshka(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
-    # MatryoshkaBatchTopKSAE: as BatchTopKSAE, but stored as W_enc/W_dec parameters.
-    threshold = w.tensor("threshold", (), "a scalar")
-    return _Checkpoint(
-        W_enc=w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
-        W_dec=w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
-        b_enc=w.tensor("b_enc", (d_sae,), "[dict_size]"),
-        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
-        activation="jumprelu", threshold=_jumprelu_threshold(threshold.expand(d_sae)), k=None,
-        apply_b_dec_to_input=True, hook_name=None,
-    )
-
-
-def _dl_jumprelu(w: _Weights, trainer: Mapping[str, Any], d_in: int, d_sae: int, cfg_file: Path) -> _Checkpoint:
-    # JumpReluAutoEncoder: encode relu(pre * (pre > θ)), pre = x @ W_enc + b_enc (its
-    # apply_b_dec_to_input is False unless set after loading from SAELens).
-    return _Checkpoint(
-        W_enc=w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
-        W_dec=w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
-        b_enc=w.tensor("b_enc", (d_sae,), "[dict_size]"),
-        b_dec=w.tensor("b_dec", (d_in,), "[activation_dim]"),
-        activation="jumprelu", threshold=_jumprelu_threshold(w.tensor("threshold", (d_sae,), "[dict_size]")),
-        k=None, apply_b_dec_to_input=False, hook_name=None,
-    )
-
-
-_DICTIONARY_LEARNING_CLASSES: dict[str, Callable[[_Weights, Mapping[str, Any], int, int, Path], _Checkpoint]] = {
-    "AutoEncoder": _dl_autoencoder,
-    "AutoEncoderTopK": _dl_topk,
-    "BatchTopKSAE": _dl_batch_topk,
-    "MatryoshkaBatchTopKSAE": _dl_matryoshka,
-    "JumpReluAutoEncoder": _dl_jumprelu,
-}
+        return _topk_k(trainer["k"], d_sae, cfg_file, "trainer.k")
+    k_raw = w.raw("k")
+    return _topk_k(int(k_raw) if k_raw.numel() == 1 else None, d_sae, w.path, "k")
 
 
 def _dictionary_learning_hook(trainer: Mapping[str, Any], layer: int | None) -> str | None:
@@ -705,7 +740,7 @@ def _dictionary_learning_hook(trainer: Mapping[str, Any], layer: int | None) -> 
     return _block_hook(layer if layer is not None else file_layer, point)
 
 
-_LOADERS: dict[str, Callable[[Path, int | None, _Reading], _Checkpoint]] = {
+_LOADERS: dict[str, Callable[[Path, int | None, _Reading], Checkpoint]] = {
     "saelens": _load_saelens,
     "gemma_scope": _load_gemma_scope,
     "sparsify": _load_sparsify,
@@ -716,14 +751,15 @@ _LOADERS: dict[str, Callable[[Path, int | None, _Reading], _Checkpoint]] = {
 # --------------------------------------------------------------------------------------- saving
 
 
-def _saelens_cfg(sae: SAE) -> dict[str, Any]:
+def _saelens_cfg_of(sae: SAEFields) -> dict[str, Any]:
     """A SAELens cfg.json for ``sae``, readable by SAELens 6 and by its pre-6.0 compatibility path."""
-    architecture = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[sae.activation]
+    architecture = {ours: theirs for theirs, ours in _SAELENS_ARCHITECTURES.items()}[sae.activation]
+    d_in, d_sae = sae.W_enc.shape
     cfg: dict[str, Any] = {
         "architecture": architecture,
-        "d_in": sae.d_in,
-        "d_sae": sae.d_sae,
-        "dtype": str(sae.dtype).removeprefix("torch."),
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
         # SAELens flattens [.., heads, d_head] input for hook_z SAEs; the math is unchanged.

@@ -6,61 +6,42 @@ Naming follows SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_en
     pre   = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc
     f     = act(pre)
     x_hat = f @ W_dec + b_dec
+
+The activations live in ``sae_compile.activations``, shared with the torch steering path;
+checkpoint files are read and written by ``sae_compile.checkpoints``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import torch
 
-Activation = Literal["relu", "jumprelu", "topk"]
-ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
-
-
-def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[..., k]`` of the ``k`` largest of the non-negative ``f [..., F]``; at a tie on
-    the k-th value, the lower indices win.
-
-    ``torch.topk`` leaves ties to the implementation (its CPU kernels alone differ by size),
-    and a TopK SAE in bf16 ties often. The rule is fixed so that every path, on every
-    device, fires the same features: each value is ranked by a 64-bit key, its float bits
-    (which order non-negative floats as the floats) above its reversed index.
-    """
-    features = f.shape[-1]
-    if not f.is_cuda and k < features:
-        # torch.topk picks the rule's features unless a tie straddles the k-th place; on the
-        # CPU checking that costs no sync, and skips the keys, which are 4x slower to rank.
-        top = f.topk(k + 1, dim=-1)
-        if not bool((top.values[..., k - 1] == top.values[..., k]).any()):
-            return top.indices[..., :k]
-    bits = f.float().view(torch.int32) & 0x7FFFFFFF  # -0.0 ranks as 0.0
-    reversed_index = torch.arange(features - 1, -1, -1, device=f.device)  # [F]
-    keys = (bits.to(torch.int64) << 32) | reversed_index  # [..., F]
-    return keys.topk(k, dim=-1, sorted=False).indices
-
-
-def keep_top_k_(f: torch.Tensor, k: int) -> torch.Tensor:
-    """Zero all but the ``k`` largest of the non-negative ``f [..., F]`` (ties as ``top_k_indices``), in place."""
-    top = top_k_indices(f, k)  # [..., k]
-    values = f.gather(-1, top)  # [..., k]
-    return f.zero_().scatter_(-1, top, values)
-
-
-def jumprelu_(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``pre_i if pre_i > threshold_i else 0``, in place. A product with a 0/1 mask, as SAELens
-    computes it: on the CPU, ops that read or write bool tensors (``where``, ``masked_fill_``)
-    cost about as much as the encode matmul itself."""
-    return pre.mul_(torch.gt(pre, threshold, out=torch.empty_like(pre)))
+from .activations import ACTIVATIONS, Activation, activate_
+from .checkpoints import read_checkpoint, save_sae
 
 
 class SAE:
     """A sparse autoencoder with a ReLU, JumpReLU (per-feature threshold) or TopK activation.
 
+    - ReLU: ``f = relu(pre)``.
+    - JumpReLU: ``f = relu(pre) * (pre > threshold)``, SAELens's definition; a negative
+      threshold therefore acts as 0. ``threshold`` is a ``[d_sae]`` tensor or one float for
+      every feature.
+    - TopK: the ``k`` largest of ``relu(pre)``, the rest 0; at a tie on the k-th value the
+      lower feature indices win.
+
+    ``apply_b_dec_to_input`` defaults to **False** here, unlike SAELens, where it defaults to
+    True: code ported from SAELens that relies on its default must pass
+    ``apply_b_dec_to_input=True``. ``SAE.load`` reads the setting from the checkpoint.
+
     Instances are immutable values: every constructor argument is exposed as an attribute
     of the same name, and ``to()`` returns a new SAE. ``hook_name`` is the site the SAE was
     trained on (a TransformerLens hook name); ``sc.steer(model, [sae])`` places it there.
+    All tensors take ``W_enc``'s dtype and must be on ``W_enc``'s device.
+
+    Raises ``TypeError`` for arguments of the wrong kind and ``ValueError`` for wrong shapes,
+    devices, non-finite values, or settings that do not fit the activation.
     """
 
     def __init__(
@@ -76,50 +57,16 @@ class SAE:
         apply_b_dec_to_input: bool = False,
         hook_name: str | None = None,
     ) -> None:
-        if not isinstance(W_enc, torch.Tensor) or not isinstance(W_dec, torch.Tensor):
-            raise TypeError("SAE: W_enc and W_dec must be torch.Tensor objects.")
-        if W_enc.dim() != 2:
-            raise ValueError(f"SAE: W_enc must be 2-D [d_in, d_sae], got shape {tuple(W_enc.shape)}.")
-        d_in, d_sae = W_enc.shape
-        if tuple(W_dec.shape) != (d_sae, d_in):
-            raise ValueError(
-                f"SAE: W_dec must have shape [d_sae, d_in] = {(d_sae, d_in)} to match W_enc "
-                f"{tuple(W_enc.shape)}, got {tuple(W_dec.shape)}."
-            )
-        if not W_enc.is_floating_point() or not W_dec.is_floating_point():
-            raise TypeError("SAE: weights must be floating point tensors.")
-        b_enc = W_enc.new_zeros(d_sae) if b_enc is None else b_enc
-        b_dec = W_enc.new_zeros(d_in) if b_dec is None else b_dec
-        _check_vector("b_enc", b_enc, d_sae)
-        _check_vector("b_dec", b_dec, d_in)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"SAE: activation must be one of {ACTIVATIONS}, got {activation!r}.")
-        if activation == "jumprelu":
-            if threshold is None:
-                raise ValueError("SAE: activation='jumprelu' needs a threshold (a [d_sae] tensor or a float).")
-            if not isinstance(threshold, torch.Tensor):
-                threshold = torch.tensor(float(threshold))
-            if threshold.dim() == 0:
-                threshold = threshold.expand(d_sae).clone()
-            _check_vector("threshold", threshold, d_sae)
-        elif threshold is not None:
-            raise ValueError(f"SAE: threshold is only meaningful for activation='jumprelu', not {activation!r}.")
-        if activation == "topk":
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
-                raise ValueError(f"SAE: activation='topk' needs an integer k in [1, d_sae={d_sae}], got {k!r}.")
-        elif k is not None:
-            raise ValueError(f"SAE: k is only meaningful for activation='topk', not {activation!r}.")
-        tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
-        if threshold is not None:
-            tensors["threshold"] = threshold
-        for name, t in tensors.items():
-            if t.device != W_enc.device:
-                raise ValueError(f"SAE: {name} is on {t.device} but W_enc is on {W_enc.device}; put them on one device.")
-            lo, hi = torch.aminmax(t)  # a reduction: no tensor-sized temporary, and NaN propagates
-            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                raise ValueError(f"SAE: {name} contains NaN or inf values.")
+        d_in, d_sae = _check_weights(W_enc, W_dec)
+        b_enc = _vector_or_zeros("b_enc", b_enc, W_enc, d_sae)
+        b_dec = _vector_or_zeros("b_dec", b_dec, W_enc, d_in)
+        _check_activation(activation)
+        threshold = _threshold_for(activation, threshold, W_enc)
+        _check_k(activation, k, d_sae)
+        tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": threshold}
+        _check_device_and_finite({name: t for name, t in tensors.items() if t is not None}, W_enc.device)
         dtype = W_enc.dtype
-        self.W_enc = W_enc.to(dtype)
+        self.W_enc = W_enc
         self.W_dec = W_dec.to(dtype)
         self.b_enc = b_enc.to(dtype)
         self.b_dec = b_dec.to(dtype)
@@ -146,16 +93,12 @@ class SAE:
         return self.W_enc.device
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations ``f [..., d_sae]`` for inputs ``x [..., d_in]``."""
+        """Feature activations ``f [..., d_sae]`` for inputs ``x [..., d_in]`` (see the class docstring)."""
         x = x.to(self.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc  # [..., d_sae]
-        if self.activation == "relu":
-            return torch.relu(pre)
-        if self.activation == "jumprelu":
-            return jumprelu_(pre, self.threshold)
-        return keep_top_k_(pre.relu_(), self.k)
+        pre = x @ self.W_enc + self.b_enc  # [..., d_sae], a fresh tensor the activation may overwrite
+        return activate_(pre, self.activation, self.threshold, self.k)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``x_hat [..., d_in]`` of feature activations ``f [..., d_sae]``."""
@@ -169,18 +112,12 @@ class SAE:
 
     def to(self, *args, **kwargs) -> SAE:
         """A copy with every tensor moved by ``Tensor.to(*args, **kwargs)`` (dtype and/or device)."""
-        moved = {name: t.to(*args, **kwargs) for name, t in self._tensors().items()}
+        threshold = None if self.threshold is None else self.threshold.to(*args, **kwargs)
         return SAE(
-            moved["W_enc"], moved["W_dec"], moved["b_enc"], moved["b_dec"],
-            activation=self.activation, threshold=moved.get("threshold"), k=self.k,
+            *(t.to(*args, **kwargs) for t in (self.W_enc, self.W_dec, self.b_enc, self.b_dec)),
+            activation=self.activation, threshold=threshold, k=self.k,
             apply_b_dec_to_input=self.apply_b_dec_to_input, hook_name=self.hook_name,
         )
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
-        if self.threshold is not None:
-            tensors["threshold"] = self.threshold
-        return tensors
 
     @staticmethod
     def load(
@@ -191,16 +128,11 @@ class SAE:
         hook_name: str | None = None,
         layer: int | None = None,
     ) -> SAE:
-        """Read an SAE checkpoint, detecting its format (SAELens, Gemma Scope, EleutherAI
-        sparsify, dictionary_learning). ``hook_name`` / ``layer`` override where it goes."""
-        from .checkpoints import load_sae
-
+        """``load_sae``: read an SAE checkpoint, detecting its format."""
         return load_sae(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this SAE as a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
-        from .checkpoints import save_sae
-
         save_sae(self, path)
 
     def __repr__(self) -> str:
@@ -211,9 +143,103 @@ class SAE:
         )
 
 
+def load_sae(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    hook_name: str | None = None,
+    layer: int | None = None,
+) -> SAE:
+    """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning),
+    detecting its format; the options and errors are ``sae_compile.checkpoints.read_checkpoint``'s.
+
+    ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
+    memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes.
+    """
+    checkpoint = read_checkpoint(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
+    return SAE(**checkpoint._asdict())
+
+
+# ------------------------------------------------------------------------------- validation steps
+
+
+def _check_weights(W_enc: object, W_dec: object) -> tuple[int, int]:
+    """``(d_in, d_sae)`` of a floating point ``W_enc [d_in, d_sae]`` and ``W_dec [d_sae, d_in]``."""
+    if not isinstance(W_enc, torch.Tensor) or not isinstance(W_dec, torch.Tensor):
+        raise TypeError(
+            f"SAE: W_enc and W_dec must be torch.Tensor objects, got {type(W_enc).__name__} and "
+            f"{type(W_dec).__name__}. Convert them with torch.as_tensor(...)."
+        )
+    if W_enc.dim() != 2:
+        raise ValueError(f"SAE: W_enc must be 2-D [d_in, d_sae], got shape {tuple(W_enc.shape)}.")
+    d_in, d_sae = W_enc.shape
+    if tuple(W_dec.shape) != (d_sae, d_in):
+        raise ValueError(
+            f"SAE: W_dec must have shape [d_sae, d_in] = {(d_sae, d_in)} to match W_enc "
+            f"{tuple(W_enc.shape)}, got {tuple(W_dec.shape)}. A W_dec stored as [d_in, d_sae] needs .T."
+        )
+    if not W_enc.is_floating_point() or not W_dec.is_floating_point():
+        raise TypeError(f"SAE: weights must be floating point tensors, got {W_enc.dtype} and {W_dec.dtype}.")
+    return d_in, d_sae
+
+
+def _vector_or_zeros(name: str, t: object, W_enc: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` checked to be a ``[length]`` tensor, or zeros like ``W_enc`` when it is ``None``."""
+    if t is None:
+        return W_enc.new_zeros(length)
+    _check_vector(name, t, length)
+    return t
+
+
+def _check_activation(activation: object) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"SAE: activation must be one of {ACTIVATIONS}, got {activation!r}.")
+
+
+def _threshold_for(
+    activation: str, threshold: torch.Tensor | float | None, W_enc: torch.Tensor
+) -> torch.Tensor | None:
+    """The ``[d_sae]`` JumpReLU threshold (a float applies to every feature, on ``W_enc``'s device);
+    ``None`` for the other activations."""
+    if activation != "jumprelu":
+        if threshold is not None:
+            raise ValueError(f"SAE: threshold is only meaningful for activation='jumprelu', not {activation!r}.")
+        return None
+    if threshold is None:
+        raise ValueError("SAE: activation='jumprelu' needs a threshold (a [d_sae] tensor or a float).")
+    d_sae = W_enc.shape[1]
+    if not isinstance(threshold, torch.Tensor):
+        threshold = torch.tensor(float(threshold), device=W_enc.device)
+    if threshold.dim() == 0:
+        threshold = threshold.expand(d_sae).clone()
+    _check_vector("threshold", threshold, d_sae)
+    return threshold
+
+
+def _check_k(activation: str, k: object, d_sae: int) -> None:
+    if activation != "topk":
+        if k is not None:
+            raise ValueError(f"SAE: k is only meaningful for activation='topk', not {activation!r}.")
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_sae:
+        raise ValueError(f"SAE: activation='topk' needs an integer k in [1, d_sae={d_sae}], got {k!r}.")
+
+
+def _check_device_and_finite(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"SAE: {name} is on {t.device} but W_enc is on {device}; put them on one device.")
+        lo, hi = torch.aminmax(t)  # a reduction: no tensor-sized temporary, and NaN propagates
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError(
+                f"SAE: {name} contains NaN or inf values, which would make every steered activation NaN. "
+                "Check the weights (or load them in a wider dtype)."
+            )
+
+
 def _check_vector(name: str, t: object, length: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"SAE: {name} must be a torch.Tensor, got {type(t).__name__}.")
     if tuple(t.shape) != (length,):
         raise ValueError(f"SAE: {name} must have shape [{length}], got {tuple(t.shape)}.")
-

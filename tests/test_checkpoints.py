@@ -9,6 +9,7 @@ their published encode/decode transcribed below.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -22,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from sae_compile import SAE
-from sae_compile.checkpoints import detect_format, load_sae, save_sae
+from sae_compile.checkpoints import Checkpoint, detect_format, read_checkpoint, save_sae
+from sae_compile.sae import load_sae
 from tests.factories import random_sae
 
 D_IN, D_SAE, K = 16, 64, 8
@@ -382,15 +384,32 @@ def test_dictionary_learning_site_comes_from_the_trainer_config(tmp_path, traine
 
 
 def test_dictionary_learning_ae_pt_is_read_without_running_pickles(tmp_path) -> None:
-    folder = _write_dictionary_learning(tmp_path, "AutoEncoder", _dl_state("AutoEncoder"))
-    torch.save({"encoder.weight": _Opaque()}, folder / "ae.pt")  # unpickling it would need code
+    marker = tmp_path / "pickle_ran"
+    folder = _write_dictionary_learning(tmp_path / "dl", "AutoEncoder", _dl_state("AutoEncoder"))
+    torch.save({**_dl_state("AutoEncoder"), "bias": _TouchOnUnpickle(marker)}, folder / "ae.pt")
     with pytest.raises(ValueError) as err:
         load_sae(folder)
+    assert not marker.exists(), "loading ae.pt ran the code pickled in it"
+    assert "pickles objects other than tensors" in str(err.value)
     assert_names(err, folder / "ae.pt", "ae.pt")
 
 
-class _Opaque:
-    """A pickled object that weights_only loading must refuse."""
+class _TouchOnUnpickle:
+    """Pickles as a call to ``Path.touch(marker)``: full unpickling creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_the_pickle_marker_is_created_by_full_unpickling(tmp_path) -> None:
+    # Guards the test above: its marker would exist had the loader unpickled the file.
+    marker = tmp_path / "pickle_ran"
+    torch.save({"bias": _TouchOnUnpickle(marker)}, tmp_path / "ae.pt")
+    torch.load(tmp_path / "ae.pt", weights_only=False)
+    assert marker.exists()
 
 
 # --------------------------------------------------------------------------- round trip, options
@@ -475,11 +494,37 @@ def test_hook_name_and_layer_overrides(tmp_path) -> None:
         load_sae(path, hook_name="blocks.0.hook_mlp_out", layer=1)
 
 
-def test_save_refuses_thresholds_saelens_would_read_differently(tmp_path) -> None:
+def test_negative_thresholds_save_as_saelens_reads_them(sae_lens, tmp_path) -> None:
+    # Both compute relu(pre) * (pre > threshold), so negative thresholds are saved as they are.
     sae = random_sae(D_IN, D_SAE, "jumprelu", seed=8)
-    negative = SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation="jumprelu", threshold=sae.threshold - 1)
-    with pytest.raises(ValueError, match="negative"):
-        save_sae(negative, tmp_path)
+    negative = SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation="jumprelu", threshold=sae.threshold - 1,
+                   hook_name="blocks.0.hook_resid_post")
+    save_sae(negative, tmp_path)
+    assert_same_sae(load_sae(tmp_path), negative)
+    with torch.no_grad():
+        torch.testing.assert_close(sae_lens.SAE.load_from_disk(tmp_path).encode(_x()), negative.encode(_x()), **TOL)
+
+
+def test_a_checkpoint_saves_and_reads_back_without_an_sae(tmp_path) -> None:
+    path = _every_format(tmp_path)["dictionary_learning_batch_topk"]
+    checkpoint = read_checkpoint(path, layer=6)
+    assert isinstance(checkpoint, Checkpoint) and checkpoint.hook_name == "blocks.6.hook_resid_post"
+    save_sae(checkpoint, tmp_path / "saved")
+    assert_same_sae(load_sae(tmp_path / "saved"), SAE(**checkpoint._asdict()))
+    assert_same_sae(SAE.load(tmp_path / "saved"), load_sae(path, layer=6))
+
+
+def test_save_sae_rejects_what_is_not_an_sae(tmp_path) -> None:
+    with pytest.raises(TypeError, match="expected an sae_compile SAE"):
+        save_sae({"W_enc": torch.zeros(2, 3)}, tmp_path)
+
+
+def test_checkpoints_does_not_import_the_sae_module() -> None:
+    # sae.py builds SAEs from checkpoints.py's Checkpoint; an import back would be a cycle.
+    tree = ast.parse((REPO / "sae_compile" / "checkpoints.py").read_text())
+    imported = [(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [(0, alias.name) for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for level, m in imported if level > 0 or (m or "").startswith("sae_compile")], imported
 
 
 # --------------------------------------------------------------------------------------- errors

@@ -49,7 +49,35 @@ def test_jumprelu_threshold_is_per_feature() -> None:
     W = torch.eye(3)
     sae = SAE(W, W, activation="jumprelu", threshold=torch.tensor([0.5, 1.5, -1.0]))
     f = sae.encode(torch.tensor([[1.0, 1.0, -0.5]]))
-    assert f.tolist() == [[1.0, 0.0, -0.5]]
+    assert f.tolist() == [[1.0, 0.0, 0.0]]  # relu(pre) * (pre > threshold): -0.5 > -1 is not let through
+
+
+def saelens_jumprelu(sae: SAE):
+    """SAELens's own JumpReLU SAE holding ``sae``'s tensors; skips the test without sae_lens."""
+    sae_lens = pytest.importorskip("sae_lens")
+    cfg = sae_lens.JumpReLUSAEConfig(d_in=sae.d_in, d_sae=sae.d_sae, apply_b_dec_to_input=sae.apply_b_dec_to_input)
+    theirs = sae_lens.SAE.from_dict(cfg.to_dict())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(getattr(sae, name))
+    return theirs
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_negative_jumprelu_thresholds_encode_as_saelens(apply_b_dec: bool) -> None:
+    """Thresholds in [-1, 0.5]: most pre-activations in (threshold, 0) are let through by
+    ``pre * (pre > threshold)`` but not by SAELens's ``relu(pre) * (pre > threshold)``."""
+    sae = random_sae(16, 40, "jumprelu", seed=5, apply_b_dec_to_input=apply_b_dec)
+    threshold = torch.linspace(-1.0, 0.5, sae.d_sae)
+    sae = SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation="jumprelu", threshold=threshold,
+              apply_b_dec_to_input=apply_b_dec)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(6))
+    pre = (x - sae.b_dec if apply_b_dec else x) @ sae.W_enc + sae.b_enc
+    assert bool(((pre > threshold) & (pre < 0)).sum() > 100)  # the cases the two conventions disagree on
+    with torch.no_grad():
+        expected = saelens_jumprelu(sae).encode(x)
+    torch.testing.assert_close(sae.encode(x), expected, rtol=1e-6, atol=1e-6)
+    assert bool((sae.encode(x) >= 0).all())
 
 
 def test_attributes_are_constructor_arguments() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ...activations import activate_, jumprelu_
 from ...runtime.state import SiteState
-from ...sae import jumprelu_, keep_top_k_
 
 
 def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
@@ -17,7 +17,8 @@ def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site
     """``x + sum_c coef_c * sparse_dec[r, c]`` over the (pre-gathered) clamped features ``c``
     of each batch row's steering row ``r``.
 
-    ``coef_c = shift_c + f_c * (mul_c - 1)`` with ``f_c = JumpReLU(x @ sparse_enc[r, c] + b_enc_c)``.
+    ``coef_c = shift_c + f_c * (mul_c - 1)`` with ``f_c = JumpReLU(x @ sparse_enc[r, c] + b_enc_c)``
+    (SAELens's ``relu(pre) * (pre > threshold)``; a ReLU SAE's threshold is 0).
     Unused slots, rows that are not sparse delta rows (all-zero tables) and unsteered tokens
     (``weight`` 0) get ``coef`` exactly 0, so those tokens come back unchanged.
     """
@@ -25,7 +26,7 @@ def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site
     dec = site.sparse_dec.index_select(0, rows)  # [B, C, D]
     b_enc, threshold, mul_m1, shift = site.sparse_params.index_select(0, rows)[:, :, None, :].unbind(1)  # [B, 1, C] each
     pre = torch.bmm(x, enc.transpose(1, 2)).float() + b_enc  # [B, S, C]; x @ enc at model precision
-    f = pre * (pre > threshold)  # [B, S, C] JumpReLU (ReLU: threshold 0)
+    f = jumprelu_(pre, threshold)  # [B, S, C] (ReLU: threshold 0)
     coef = torch.addcmul(shift, f, mul_m1) * weight[..., None]  # [B, S, C] = f' - f on steered tokens
     return torch.baddbmm(x, coef.to(x.dtype), dec)  # [B, S, D]
 
@@ -64,11 +65,7 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     clamps edit it, the decode reads it. That is the bare SAE's own memory traffic, plus a
     ``[n, F]`` mask for JumpReLU; on the CPU the decode may read fewer rows (``_decode``).
     """
-    f = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F] pre-activations
-    if site.activation == "topk":
-        keep_top_k_(f.relu_(), site.k)  # [n, F]
-    else:
-        jumprelu_(f, site.threshold)  # [n, F] (ReLU: threshold 0)
+    f = activate_(torch.addmm(site.b_enc, x, site.W_enc), site.activation, site.threshold, site.k)  # [n, F]
     idx = site.clamp_idx[token_rows]  # [n, C]
     coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
     recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]

@@ -1,0 +1,69 @@
+"""The SAE activations of DESIGN §4, in place on a fresh pre-activation tensor.
+
+One definition for every torch caller (``SAE.encode`` and the torch steering path), so
+they fire the same features. JumpReLU follows SAELens, ``relu(pre) * (pre > threshold)``,
+for thresholds of either sign; TopK keeps the ``k`` largest of ``relu(pre)``, lower
+indices winning ties. This module imports only torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Activation = Literal["relu", "jumprelu", "topk"]
+ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
+
+
+def activate_(
+    pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None, k: int | None = None
+) -> torch.Tensor:
+    """``act(pre)`` in place and returned: ReLU, JumpReLU with ``threshold [F]`` (broadcast
+    against ``pre [..., F]``), or TopK with ``k``. ``pre`` must not be needed afterwards."""
+    if activation == "topk":
+        return keep_top_k_(pre.relu_(), k)
+    if activation == "jumprelu":
+        return jumprelu_(pre, threshold)
+    return pre.relu_()
+
+
+def jumprelu_(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """SAELens's JumpReLU ``relu(pre) * (pre > threshold)``, in place and returned.
+
+    Computed as ``pre * (pre > max(threshold, 0))``, which is the same number for every
+    ``pre`` and threshold sign: one 0/1 mask product over ``pre`` and no separate ReLU pass.
+    A float mask rather than ``where`` because on the CPU, ops that read or write bool
+    tensors (``where``, ``masked_fill_``) cost about as much as the encode matmul itself.
+    """
+    mask = torch.gt(pre, threshold.clamp(min=0), out=torch.empty_like(pre))
+    return pre.mul_(mask)
+
+
+def keep_top_k_(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero all but the ``k`` largest of the non-negative ``f [..., F]`` (ties as ``top_k_indices``), in place."""
+    top = top_k_indices(f, k)  # [..., k]
+    values = f.gather(-1, top)  # [..., k]
+    return f.zero_().scatter_(-1, top, values)
+
+
+def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` of the ``k`` largest of the non-negative ``f [..., F]``; at a tie on
+    the k-th value, the lower indices win.
+
+    ``torch.topk`` leaves ties to the implementation (its CPU kernels alone differ by size),
+    and a TopK SAE in bf16 ties often. The rule is fixed so that every path, on every
+    device, fires the same features: each value is ranked by a 64-bit key, its float bits
+    (which order non-negative floats as the floats) above its reversed index.
+    """
+    features = f.shape[-1]
+    if not f.is_cuda and k < features:
+        # torch.topk picks the rule's features unless a tie straddles the k-th place; on the
+        # CPU checking that costs no sync, and skips the keys, which are 4x slower to rank.
+        top = f.topk(k + 1, dim=-1)
+        if not bool((top.values[..., k - 1] == top.values[..., k]).any()):
+            return top.indices[..., :k]
+    bits = f.float().view(torch.int32) & 0x7FFFFFFF  # -0.0 ranks as 0.0
+    reversed_index = torch.arange(features - 1, -1, -1, device=f.device)  # [F]
+    keys = (bits.to(torch.int64) << 32) | reversed_index  # [..., F]
+    return keys.topk(k, dim=-1, sorted=False).indices
