@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ from sae_compile.lowering.kernels.torch_path import full_path, sparse_delta  # n
 from sae_compile.runtime.slots import SlotManager  # noqa: E402
 from sae_compile.runtime.state import Capacity, RoutingState, SiteState  # noqa: E402
 from tests.factories import assert_rel_close, random_sae  # noqa: E402
+from tests.reference import apply_steering_at_site, token_scope_mask  # noqa: E402
 
 SITE = "blocks.0.hook_resid_post"
 REPO = Path(__file__).resolve().parents[1]
@@ -91,19 +93,48 @@ def build(
     row 1 is unsteered, and later rows have clamps over random scopes. Token masks are random
     beyond that: per-row prompt lengths, and random padding."""
     g = torch.Generator().manual_seed(seed)
-    capacity = Capacity(max_rows=4, max_clamps=clamps, max_batch=8, max_tokens=max(1024, batch * seq))
-    state = SiteState(SITE, sae.d_in, sae, capacity, RoutingState(capacity, dtype, torch.device(device)), dtype,
-                      torch.device(device))
-    slots = SlotManager({SITE: state}, state.routing, lambda name: name)
+    rows = random_rows(g, sae, batch=batch, seq=seq, clamps=clamps, reconstruct=reconstruct)
+    state, slots = site_for(sae, dtype, rows, clamps=clamps, device=device)
+    return state, slots, g
+
+
+def random_rows(g: torch.Generator, sae: SAE, *, batch: int, seq: int, clamps: int, reconstruct: bool) -> Rows:
+    """Row 0 has clamps (and Reconstruct if ``reconstruct``) on all tokens, row 1 is unsteered, later
+    rows have clamps over random scopes; random prompt lengths and random padding."""
     per_row = [random_steering(g, sae.d_in, sae.d_sae, clamps, reconstruct=reconstruct, scope="all")]
     per_row += [None if b == 1 else random_steering(g, sae.d_in, sae.d_sae, clamps, reconstruct=False)
                 for b in range(1, batch)]
     prompt_lens = torch.randint(0, seq + 1, (batch,), generator=g).tolist()
-    slots.replace((), {b: (s, p) for b, (s, p) in enumerate(zip(per_row, prompt_lens, strict=True))})
-    slots.assign(list(range(batch)))
     attention_mask = (torch.rand(batch, seq, generator=g) > 0.2).long()  # [B, S]
-    state.routing.route(torch.arange(seq, device=device), attention_mask.to(device), batch, seq)
-    return state, slots, g
+    return Rows(per_row, prompt_lens, attention_mask)
+
+
+class Rows(NamedTuple):
+    """What each batch row runs: its steering, prompt length and attention mask."""
+
+    steering: list[Steering | None]
+    prompt_lens: list[int]
+    attention_mask: torch.Tensor  # [B, S] 0/1
+
+    def token_masks(self) -> list[torch.Tensor]:
+        """Each row's steered tokens (``[S]`` bool), as the reference computes them."""
+        seq = self.attention_mask.shape[1]
+        return [torch.zeros(seq, dtype=torch.bool) if s is None else token_scope_mask(s.tokens, seq, p, m)
+                for s, p, m in zip(self.steering, self.prompt_lens, self.attention_mask, strict=True)]
+
+
+def site_for(sae: SAE, dtype: torch.dtype, rows: Rows, *, clamps: int, device: str = "cpu"
+             ) -> tuple[SiteState, SlotManager]:
+    """A site with the steering of ``rows`` admitted, assigned to the batch rows and routed."""
+    batch, seq = rows.attention_mask.shape
+    capacity = Capacity(max_rows=4, max_clamps=clamps, max_batch=8, max_tokens=max(1024, batch * seq))
+    state = SiteState(SITE, sae.d_in, sae, capacity, RoutingState(capacity, dtype, torch.device(device)), dtype,
+                      torch.device(device))
+    slots = SlotManager({SITE: state}, state.routing, lambda name: name)
+    slots.replace((), {b: (s, p) for b, (s, p) in enumerate(zip(rows.steering, rows.prompt_lens, strict=True))})
+    slots.assign(list(range(batch)))
+    state.routing.route(torch.arange(seq, device=device), rows.attention_mask.to(device), batch, seq)
+    return state, slots
 
 
 def exact_input(g: torch.Generator, batch: int, seq: int, d_in: int, dtype: torch.dtype, device: str = "cpu"):
@@ -310,6 +341,88 @@ def test_module_imports_without_triton() -> None:
     assert result.returncode == 0, result.stderr
 
 
+# --- against the independent fp64 reference and SAELens ---------------------------------------
+
+
+def fused_steer(x: torch.Tensor, state: SiteState) -> torch.Tensor:
+    """``steer_site``'s Triton branch, which it takes only on CUDA; here it also runs in the interpreter."""
+    batch, seq, _ = x.shape
+    rows, mask, weight = state.routing.view(batch, seq)
+    if state.elementwise:
+        out = triton_sae.sparse_delta(x, rows, mask, state, with_add=True)
+    else:
+        out = torch_path.add_vector(x, rows, weight, state)
+    return triton_sae.full_path(out, rows, mask, state, in_place=True)
+
+
+def reference_steer(x: torch.Tensor, sae: SAE, rows: Rows) -> torch.Tensor:
+    """``tests/reference.py``'s fp64 steering of each batch row of ``x``, cast back to ``x.dtype``."""
+    per_row = zip(x, rows.steering, rows.token_masks(), strict=True)
+    return torch.stack([apply_steering_at_site(xb, SITE, s, sae, mask.to(x.device)) for xb, s, mask in per_row])
+
+
+def check_against_reference(sae: SAE, dtype: torch.dtype, *, batch: int, seq: int, clamps: int, seed: int,
+                            device: str = "cpu") -> None:
+    """Every row kind at once (Reconstruct, unsteered, clamps over random scopes, additive vectors),
+    through the kernels, against the reference; unsteered tokens come back bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    rows = random_rows(g, sae, batch=batch, seq=seq, clamps=clamps, reconstruct=True)
+    state, _ = site_for(sae, dtype, rows, clamps=clamps, device=device)
+    x = exact_input(g, batch, seq, sae.d_in, dtype, device)
+    steered = torch.stack(rows.token_masks()).to(device)  # [B, S]
+    assert steered[0].any() and steered[2:].any()  # a Reconstruct row and clamp rows
+    assert_matches(fused_steer(x, state), reference_steer(x, sae.to(device), rows), x, steered)
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True], ids=["x", "x-b_dec"])
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_kernels_match_the_fp64_reference(activation: str, apply_b_dec: bool) -> None:
+    """The kernels against ``tests/reference.py``'s math, which shares no table with them (the
+    torch path reads the same pre-folded state, so agreeing with it alone could hide a folding bug)."""
+    sae = random_sae(24, 48, activation, seed=31, apply_b_dec_to_input=apply_b_dec)
+    check_against_reference(sae, torch.float32, batch=4, seq=6, clamps=6, seed=32)
+
+
+def negative_threshold_sae(d_in: int, d_sae: int, *, seed: int) -> SAE:
+    """``exact_sae``'s JumpReLU with thresholds in {-7/8, -5/8, ..., 3/8}, two thirds of them negative,
+    so that many pre-activations fall in (threshold, 0): SAELens's ``relu(pre) * (pre > threshold)``
+    zeroes them and ``pre * (pre > threshold)`` would not."""
+    sae = exact_sae(d_in, d_sae, "jumprelu", seed=seed)
+    threshold = (torch.randint(-4, 2, (d_sae,), generator=torch.Generator().manual_seed(seed)) + 0.5) / 4
+    return SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation="jumprelu", threshold=threshold)
+
+
+def between_negative_threshold_and_zero(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """``[..., F]``: pre-activations where the two JumpReLU conventions disagree."""
+    pre = x.float() @ sae.W_enc + sae.b_enc
+    return (pre > sae.threshold) & (pre < 0)
+
+
+@pytest.mark.parametrize("path", ["sparse", "full"])
+def test_negative_thresholds_follow_saelens(path: str) -> None:
+    """Both kernels and both torch paths against SAELens's own JumpReLU encode. Sparse: scaling the
+    clamped features by 2 adds ``f_c W_dec[c]``. Full: Reconstruct with no clamps decodes all of ``f``."""
+    from tests.test_sae import saelens_jumprelu
+
+    batch, seq, d_in, d_sae, clamps = 2, 8, 40, 72, 8
+    sae = negative_threshold_sae(d_in, d_sae, seed=41)
+    g = torch.Generator().manual_seed(42)
+    features = torch.randperm(d_sae, generator=g)[:clamps].tolist()
+    edits = [Reconstruct(SITE)] if path == "full" else [Clamp(SITE, i, 2.0, "scale") for i in features]
+    rows = Rows([Steering(*edits)] * batch, [seq] * batch, torch.ones(batch, seq, dtype=torch.long))
+    state, _ = site_for(sae, torch.float32, rows, clamps=clamps)
+    x = exact_input(g, batch, seq, d_in, torch.float32)
+    with torch.no_grad():
+        theirs = saelens_jumprelu(sae)
+        f = theirs.encode(x)  # [B, S, F]
+        expected = theirs.decode(f) if path == "full" else x + f[..., features] @ sae.W_dec[features]
+    disagree = between_negative_threshold_and_zero(sae, x)
+    assert bool(disagree[..., features if path == "sparse" else slice(None)].any())
+    everything = torch.ones(batch, seq, dtype=torch.bool)
+    assert_matches(fused_steer(x, state), expected, x, everything)
+    assert_matches(steer_site(x, state), expected, x, everything)  # the torch path, on the CPU
+
+
 # --- on the GPU: model-like shapes, and capture in a CUDA graph -------------------------------
 
 GPU_SHAPE = dict(batch=4, seq=64, d_in=2048, d_sae=16384, clamps=16)
@@ -331,6 +444,18 @@ def test_kernels_match_torch_path_on_gpu(activation: str, dtype: torch.dtype) ->
     assert steered.any()
     actual = triton_sae.full_path(x, rows, steered, state)
     assert_matches(actual, full_path(x, rows, steered, state), x, steered)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("activation", "d_sae"), [("jumprelu", 16384), ("topk", 65536)])
+def test_kernels_match_the_fp64_reference_at_gemma_2_2b_shapes(activation: str, d_sae: int, dtype: torch.dtype
+                                                               ) -> None:
+    """Gemma-2-2B's hidden size, Gemma Scope's 16k JumpReLU width and a 64k TopK (k = 64), a few
+    hundred tokens, compiled kernels against the fp64 reference."""
+    sae = exact_sae(2304, d_sae, activation, seed=51)
+    assert sae.k in (None, 64)
+    check_against_reference(sae, dtype, batch=4, seq=80, clamps=16, seed=52, device="cuda")
 
 
 @pytest.mark.cuda

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any, NamedTuple
 
 import torch
 
@@ -111,7 +112,7 @@ if TRITON_AVAILABLE:
         mul_m1 = tl.load(params + 2 * C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         shift = tl.load(params + 3 * C + offs_c, mask=c_on, other=0.0)  # [BLOCK_C]
         pre = acc.to(dtype).to(tl.float32) + b_enc[None, :]  # [BLOCK_T, BLOCK_C]; x @ enc at model precision
-        f = tl.where(pre > theta[None, :], pre, 0.0)  # JumpReLU (theta = 0: ReLU)
+        f = tl.where(pre > theta[None, :], tl.maximum(pre, 0.0), 0.0)  # SAELens's JumpReLU (theta = 0: ReLU)
         # f' - f, rounded to the model dtype as the torch path's decode matmul takes it; 0 on
         # unused slots and on rows that are not sparse delta rows.
         coef = (shift[None, :] + f * mul_m1[None, :]).to(dtype)  # [BLOCK_T, BLOCK_C]
@@ -197,7 +198,7 @@ if TRITON_AVAILABLE:
             f = tl.maximum(pre, 0.0)  # [BLOCK_M, BLOCK_N]
         else:
             theta = tl.load(threshold_ptr + offs_n, mask=n_on, other=0.0).to(tl.float32)  # [BLOCK_N]
-            f = tl.where(pre > theta[None, :], pre, 0.0)  # [BLOCK_M, BLOCK_N]
+            f = tl.where(pre > theta[None, :], tl.maximum(pre, 0.0), 0.0)  # [BLOCK_M, BLOCK_N] relu(pre) * (pre > theta)
         tl.store(f_ptr + offs_m[:, None] * d_sae + offs_n[None, :], f.to(dtype), mask=m_on[:, None] & n_on[None, :])
 
     @triton.jit
@@ -427,55 +428,99 @@ def full_path(
     """
     _require_triton()
     batch, seq, d_model = x.shape
-    n = batch * seq
     out = x if in_place else x.clone()
-    flat = out.view(n, d_model)  # [N, D]
-    if n == 0:
+    if batch * seq == 0:
         return out
-    d_sae = site.W_enc.shape[1]
+    flat = out.view(batch * seq, d_model)  # [N, D]
     token, bounds = _partition(mask, rows, site)  # [N], [2]
-    chunk = min(n, torch_path.FULL_PATH_CHUNK)
-    block_m = 16 if chunk <= 16 else 64
-    m_tiles = triton.cdiv(chunk, block_m)
-    topk = site.activation == "topk"
-    # A TopK token's decode gathers its K rows in one part; the others split a dense GEMM over F.
-    splits = 1 if topk else _decode_splits(m_tiles * triton.cdiv(d_model, _BLOCK_N), d_sae, x.device)
-    f = torch.empty(chunk, d_sae, dtype=x.dtype, device=x.device)  # [chunk, F]; slots past the count stay unused
-    kept = torch.empty(chunk, site.k, dtype=torch.int32, device=x.device) if topk else None  # [chunk, k]
-    dec = torch.empty(splits, chunk, d_model, dtype=torch.float32, device=x.device)  # per split; Reconstruct slots only
-    gemm = dict(DOT_F32=not x.is_cuda, PRECISION=_dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
-                BLOCK_K=_BLOCK_K)
-    clamps = site.clamp_idx.shape[1]
+    scratch = _full_scratch(flat, site)
     with _device_of(x):
         # Every chunk is launched (the host does not know the count); empty ones exit at once.
-        for chunk_start in range(0, n, chunk):
-            _encode_kernel[(m_tiles, triton.cdiv(d_sae, _BLOCK_N))](
-                flat, token, bounds, site.W_enc, site.b_enc, site.threshold, f,
-                chunk_start, chunk,
-                d_model=d_model, d_sae=d_sae, TOPK=topk, **gemm,
-            )
-            if topk:
-                _select_top_k(f, kept, bounds, chunk_start)
-                _gather_decode_kernel[(chunk, triton.cdiv(d_model, _GATHER_BLOCK_D))](
-                    f, kept, bounds, site.W_dec, dec,
-                    chunk_start,
-                    d_model=d_model, d_sae=d_sae, K=site.k, BLOCK_J=_GATHER_BLOCK_J, BLOCK_D=_GATHER_BLOCK_D,
-                )
-            else:
-                _decode_kernel[(m_tiles, triton.cdiv(d_model, _BLOCK_N), splits)](
-                    f, bounds, site.W_dec, dec,
-                    chunk_start, chunk,
-                    d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, splits), _BLOCK_K) * _BLOCK_K,
-                    **gemm,
-                )
-            _full_output_kernel[(chunk,)](
-                flat, rows, token, bounds, f, dec, site.W_dec, site.b_dec,
-                site.clamp_idx, site.clamp_mul, site.clamp_shift,
-                chunk_start, seq, chunk,
-                d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=splits,
-                BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_block_d(d_model),
-            )
+        for chunk_start in range(0, batch * seq, scratch.chunk):
+            _encode_chunk(flat, token, bounds, site, scratch, chunk_start)
+            _decode_chunk(bounds, site, scratch, chunk_start)
+            _write_chunk(flat, rows, token, bounds, site, scratch, chunk_start, seq)
     return out
+
+
+class _FullScratch(NamedTuple):
+    """``full_path``'s launch shape and per-chunk buffers, allocated once and reused by every chunk."""
+
+    chunk: int  # slots per chunk
+    block_m: int  # slots per GEMM tile
+    splits: int  # parts the dense decode splits F into
+    gemm: dict[str, Any]  # the GEMM kernels' shared compile-time options
+    f: torch.Tensor  # [chunk, F] model dtype; slots past the count stay unused
+    kept: torch.Tensor | None  # [chunk, k] int32, the features TopK keeps; None for elementwise SAEs
+    dec: torch.Tensor  # [splits, chunk, D] fp32 partial decodes of the Reconstruct slots
+
+
+def _full_scratch(flat: torch.Tensor, site: SiteState) -> _FullScratch:
+    n, d_model = flat.shape
+    d_sae = site.W_enc.shape[1]
+    chunk = min(n, torch_path.FULL_PATH_CHUNK)
+    block_m = 16 if chunk <= 16 else 64
+    topk = site.activation == "topk"
+    # A TopK token's decode gathers its K rows in one part; the others split a dense GEMM over F.
+    tiles = triton.cdiv(chunk, block_m) * triton.cdiv(d_model, _BLOCK_N)
+    splits = 1 if topk else _decode_splits(tiles, d_sae, flat.device)
+    new = functools.partial(torch.empty, device=flat.device)
+    return _FullScratch(
+        chunk=chunk, block_m=block_m, splits=splits,
+        gemm=dict(DOT_F32=not flat.is_cuda, PRECISION=_dot_precision(flat.dtype), BLOCK_M=block_m,
+                  BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K),
+        f=new(chunk, d_sae, dtype=flat.dtype),
+        kept=new(chunk, site.k, dtype=torch.int32) if topk else None,
+        dec=new(splits, chunk, d_model, dtype=torch.float32),
+    )
+
+
+def _encode_chunk(
+    flat: torch.Tensor, token: torch.Tensor, bounds: torch.Tensor, site: SiteState, s: _FullScratch, chunk_start: int
+) -> None:
+    """Step 2: ``s.f`` = the activations of the chunk's full-path tokens (TopK: the kept k, listed in ``s.kept``)."""
+    d_model, d_sae = flat.shape[1], s.f.shape[1]
+    _encode_kernel[(triton.cdiv(s.chunk, s.block_m), triton.cdiv(d_sae, _BLOCK_N))](
+        flat, token, bounds, site.W_enc, site.b_enc, site.threshold, s.f,
+        chunk_start, s.chunk,
+        d_model=d_model, d_sae=d_sae, TOPK=s.kept is not None, **s.gemm,
+    )
+    if s.kept is not None:
+        _select_top_k(s.f, s.kept, bounds, chunk_start)
+
+
+def _decode_chunk(bounds: torch.Tensor, site: SiteState, s: _FullScratch, chunk_start: int) -> None:
+    """Step 3: ``s.dec`` = the fp32 decode ``f @ W_dec`` of the chunk's Reconstruct slots, in ``s.splits`` parts."""
+    d_model, d_sae = s.dec.shape[2], s.f.shape[1]
+    if s.kept is not None:
+        _gather_decode_kernel[(s.chunk, triton.cdiv(d_model, _GATHER_BLOCK_D))](
+            s.f, s.kept, bounds, site.W_dec, s.dec,
+            chunk_start,
+            d_model=d_model, d_sae=d_sae, K=s.kept.shape[1], BLOCK_J=_GATHER_BLOCK_J, BLOCK_D=_GATHER_BLOCK_D,
+        )
+        return
+    _decode_kernel[(triton.cdiv(s.chunk, s.block_m), triton.cdiv(d_model, _BLOCK_N), s.splits)](
+        s.f, bounds, site.W_dec, s.dec,
+        chunk_start, s.chunk,
+        d_model=d_model, d_sae=d_sae, K_SPLIT=triton.cdiv(triton.cdiv(d_sae, s.splits), _BLOCK_K) * _BLOCK_K,
+        **s.gemm,
+    )
+
+
+def _write_chunk(
+    flat: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, bounds: torch.Tensor, site: SiteState,
+    s: _FullScratch, chunk_start: int, seq: int,
+) -> None:
+    """Step 4: apply the clamps and overwrite the chunk's full-path tokens of ``flat`` in place."""
+    d_model, d_sae = flat.shape[1], s.f.shape[1]
+    clamps = site.clamp_idx.shape[1]
+    _full_output_kernel[(s.chunk,)](
+        flat, rows, token, bounds, s.f, s.dec, site.W_dec, site.b_dec,
+        site.clamp_idx, site.clamp_mul, site.clamp_shift,
+        chunk_start, seq, s.chunk,
+        d_model=d_model, d_sae=d_sae, C=clamps, SPLITS=s.splits,
+        BLOCK_C=triton.next_power_of_2(clamps), BLOCK_D=_block_d(d_model),
+    )
 
 
 def _select_top_k(f: torch.Tensor, kept: torch.Tensor, bounds: torch.Tensor, chunk_start: int) -> None:
@@ -549,6 +594,9 @@ def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
 def _require_triton() -> None:
     if not TRITON_AVAILABLE:
         raise RuntimeError(
-            "sae_compile: the Triton kernels were called but triton is not installed. They are only "
-            "needed on CUDA; install triton (it ships with CUDA builds of torch) or use torch_path.steer_site."
+            "sae_compile: triton_sae's kernels were called directly, but triton is not installed. "
+            "The steering op never needs this: without triton it runs the torch path "
+            "(sae_compile.lowering.kernels.torch_path) on every device. To use the kernels, install "
+            "triton (CUDA builds of torch ship it), or call torch_path.sparse_delta / "
+            "torch_path.full_path instead."
         )
