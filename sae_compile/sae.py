@@ -128,8 +128,14 @@ class SAE:
         hook_name: str | None = None,
         layer: int | None = None,
     ) -> SAE:
-        """``load_sae``: read an SAE checkpoint, detecting its format."""
-        return load_sae(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
+        """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning),
+        detecting its format; the options and errors are ``sae_compile.checkpoints.read_checkpoint``'s.
+
+        ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
+        memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes.
+        """
+        checkpoint = read_checkpoint(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
+        return SAE(**checkpoint._asdict())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this SAE as a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
@@ -143,22 +149,8 @@ class SAE:
         )
 
 
-def load_sae(
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    hook_name: str | None = None,
-    layer: int | None = None,
-) -> SAE:
-    """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning),
-    detecting its format; the options and errors are ``sae_compile.checkpoints.read_checkpoint``'s.
-
-    ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
-    memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes.
-    """
-    checkpoint = read_checkpoint(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
-    return SAE(**checkpoint._asdict())
+#: ``SAE.load`` as a function.
+load_sae = SAE.load
 
 
 # ------------------------------------------------------------------------------- validation steps
