@@ -13,6 +13,7 @@ Public entry points:
 - ``reference_logits(model, input_ids, *, saes, steering, ...) -> logits``.
 - ``reference_generate(model, input_ids, *, saes, steering, max_new_tokens, ...) -> ids``:
   greedy decoding without a KV cache (the whole sequence is recomputed every step).
+- ``site_activations(model, input_ids, site) -> x``: the tensor at ``site``, unsteered.
 - ``steered_generation(model, input_ids, *, saes, steering)``: a context manager that keeps
   the steering hooked on ``model`` for one HF ``model.generate`` (e.g. to replay sampling).
 
@@ -298,6 +299,11 @@ def _replace_output(out: Any, new: torch.Tensor) -> Any:
     return (new, *out[1:]) if isinstance(out, tuple) else new
 
 
+def _layer_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    # Decoder layers get hidden_states positionally (HF 5.x) or by keyword.
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _steer_batch(x: torch.Tensor, site: str, plans: list[_RowPlan], sae: SAE | None) -> torch.Tensor:
     """Apply each planned row's steering at ``site`` to ``x [B, S, D]``; other rows untouched."""
     out = x.clone()  # fresh tensor: never write into a tensor the model may still alias
@@ -345,11 +351,7 @@ def steering_hooks(
             captured: dict[str, torch.Tensor] = {}
 
             def pre_hook(module, args, kwargs, *, pre=pre, captured=captured):
-                # Decoder layers get hidden_states positionally (HF 5.x) or by keyword.
-                if args:
-                    x = args[0]
-                else:
-                    x = kwargs["hidden_states"]
+                x = _layer_input(args, kwargs)
                 if pre in plans:
                     x = _steer_batch(x, pre, plans[pre], saes.get(pre))
                 captured["x"] = x
@@ -405,6 +407,32 @@ def steering_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+def site_activations(model: nn.Module, input_ids: torch.Tensor, site: str) -> torch.Tensor:
+    """``[B, S, D]``: the tensor at ``site`` in one unsteered forward (what an SAE there encodes)."""
+    layer, kind = _SITE_RE.match(canonical_site(model, site)).groups()
+    block = _models.layer_module(model, int(layer))
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(kind: str):
+        return lambda module, args, out: seen.__setitem__(kind, _output_tensor(out))
+
+    handles = [
+        block.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__("resid_pre", _layer_input(args, kwargs)),
+                                        with_kwargs=True),
+        _models.attn_branch_module(model, int(layer)).register_forward_hook(record("attn_out")),
+        _models.mlp_branch_module(model, int(layer)).register_forward_hook(record("mlp_out")),
+        block.register_forward_hook(record("resid_post")),
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    # The layer adds the attention branch to its input right after the branch: that sum is resid_mid.
+    return seen["resid_pre"] + seen["attn_out"] if kind == "resid_mid" else seen[kind]
 
 
 # --------------------------------------------------------------------------------------
