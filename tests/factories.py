@@ -17,15 +17,18 @@ def random_sae(
     apply_b_dec_to_input: bool = False,
     hook_name: str | None = None,
     dtype: torch.dtype = torch.float32,
+    threshold_low: float = 0.0,
 ) -> SAE:
     """An SAE whose features fire on roughly half of typical inputs, with O(1) decoder rows,
-    so clamps move the residual stream visibly."""
+    so clamps move the residual stream visibly. JumpReLU thresholds are uniform in
+    ``[threshold_low, threshold_low + 0.2)``; a negative one tells SAELens' convention
+    (``relu(pre) * (pre > theta)``) from ``pre * (pre > theta)``."""
     g = torch.Generator().manual_seed(seed)
     W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
     W_dec = torch.randn(d_sae, d_in, generator=g) / d_in**0.5
     b_enc = 0.1 * torch.randn(d_sae, generator=g)
     b_dec = 0.1 * torch.randn(d_in, generator=g)
-    threshold = 0.2 * torch.rand(d_sae, generator=g) if activation == "jumprelu" else None
+    threshold = threshold_low + 0.2 * torch.rand(d_sae, generator=g) if activation == "jumprelu" else None
     if activation == "topk" and k is None:
         k = max(1, d_sae // 8)
     return SAE(
