@@ -79,3 +79,36 @@ def test_fx_graph_cache_in_a_fresh_process(tmp_path: Path) -> None:
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert runs[0]["hits"] == 0 and runs[1]["hits"] >= 1, runs
     assert runs[0]["err"] <= 1e-5 and runs[1]["err"] <= 1e-5, runs
+
+
+RESTEER = """
+import gc, json, sys, torch
+sys.path[:0] = [{root!r}]
+import sae_compile as sc
+from torch._dynamo.utils import counters
+from tests.factories import random_sae
+from tests.models import make_model
+model = make_model("gpt2", seed=2)
+sae = random_sae(32, 48, "jumprelu", seed=5)
+ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+hits = []
+for _ in range(2):
+    steered = sc.steer(model, {{"blocks.1.hook_resid_post": sae}})
+    with torch.no_grad():
+        steered(ids)
+    hits.append(counters["inductor"]["fxgraph_cache_hit"])
+    del steered
+    gc.collect()
+print(json.dumps(hits))
+"""
+
+
+def test_resteering_the_same_model_hits_the_fx_graph_cache(tmp_path: Path) -> None:
+    """Handles depend on the model and its sites, not on how many models were steered before,
+    so steering the same model again (as a notebook does) is a cache hit, not a full compile."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-c", RESTEER.format(root=str(ROOT))], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hits = json.loads(done.stdout.strip().splitlines()[-1])
+    assert hits[0] == 0 and hits[1] >= 1, hits

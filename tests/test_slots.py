@@ -285,3 +285,56 @@ def test_rows_past_a_shorter_assignment_are_unsteered(setup) -> None:
     expected = reference_logits(model, x, saes=saes, steering=[steering, steering, None, None], prompt_len=0)
     assert_rel_close(got, expected, 1e-5)
     steered.slots.release("p")
+
+
+def test_warmup_runs_every_captured_path_on_every_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture holds every path (``SiteState.capture_paths``), so warmup must have run each of
+    them, with real tokens, on every bucket: batch 1 included."""
+    from sae_compile.lowering.kernels import torch_path
+
+    ran: set[tuple[str, str, tuple[int, int]]] = set()
+
+    def recording(path: str, fn):
+        def run(x, rows, mask_or_weight, site, *args):
+            if bool(mask_or_weight.any()):
+                ran.add((site.name, path, tuple(x.shape[:2])))
+            return fn(x, rows, mask_or_weight, site, *args)
+
+        return run
+
+    for path in ("add_vector", "sparse_delta", "full_path"):
+        monkeypatch.setattr(torch_path, path, recording(path, getattr(torch_path, path)))
+    model = make_model("llama", seed=8)
+    d = hidden_size(model)
+    steered = sc.steer(model, {POST: random_sae(d, 32, "relu"), MID: random_sae(d, 32, "topk", k=3)}, backend="aot_eager")
+    buckets = [(1, 4), (1, 1), (3, 2)]
+    steered.warmup(buckets, use_cache=False)
+    for site in (POST, MID):
+        captured = steered._by_name[site].capture_paths()
+        paths = [("add_vector", captured.add), ("sparse_delta", captured.sparse), ("full_path", captured.full)]
+        for bucket in buckets:
+            for path, needed in paths:
+                assert not needed or (site, path, bucket) in ran, (site, path, bucket)
+
+
+def test_call_steering_never_touches_admitted_requests(setup) -> None:
+    """``steering=`` on a call has rows of its own: with every slot row taken, a call with as
+    many distinct steerings still runs, and the serving loop's next step is routed as before."""
+    model, saes, steered = setup
+    x = torch.randint(3, 97, (BATCH, SEQ), generator=torch.Generator().manual_seed(6))
+    requests = [sc.Steering(sc.Clamp(POST, i, 2.0 + i)) for i in range(5)]
+    for i, steering in enumerate(requests):
+        steered.slots.admit(f"r{i}", steering, 0)
+    steered.slots.assign(["r0", "r4", None, "r2"])
+    calls = [sc.Steering(sc.Clamp(MID, i, 1.0 + i)) for i in range(BATCH)]
+    try:
+        with torch.no_grad():
+            called = steered(x, steering=calls, prompt_len=0).logits
+            stepped = steered.step(x).logits
+        assert_rel_close(called, reference_logits(model, x, saes=saes, steering=calls, prompt_len=0), 1e-5)
+        served = [requests[0], requests[4], None, requests[2]]
+        assert_rel_close(stepped, reference_logits(model, x, saes=saes, steering=served, prompt_len=0), 1e-5)
+        assert sorted(steered.slots.requests) == [f"r{i}" for i in range(5)]
+    finally:
+        for i in range(5):
+            steered.slots.release(f"r{i}")

@@ -174,3 +174,56 @@ def test_additive_only_site_and_bf16_model() -> None:
     assert_rel_close(got.float(), expected.float(), 2e-2)
     with pytest.raises(ValueError, match="no SAE is attached"):
         run(steered, x, steering=sc.Steering(sc.Clamp("blocks.0.hook_attn_out", 0, 1.0)))
+
+
+def test_steered_model_passes_through_what_hf_code_reads(llama) -> None:
+    model, _, steered = llama
+    assert steered.config is model.config and steered.generation_config is model.generation_config
+    assert steered.device == model.device and steered.dtype == model.dtype
+
+
+def test_one_sae_with_a_hook_name_steers_like_a_list_of_one() -> None:
+    model = make_model("llama", seed=4)
+    base = random_sae(hidden_size(model), 16, "relu", seed=1)
+    sae = sc.SAE(base.W_enc, base.W_dec, base.b_enc, base.b_dec, hook_name=POST)
+    steered = sc.steer(model, sae, backend="aot_eager")
+    assert steered.attached_sites == (POST,)
+    x, steering = ids(1, 5), sc.Steering(sc.Clamp(POST, 2, 5.0))
+    assert_rel_close(run(steered, x, steering=steering), reference_logits(model, x, saes={POST: sae}, steering=steering), 1e-5)
+
+
+def test_every_entry_point_refuses_grad_mode_alike(llama) -> None:
+    _, _, steered = llama
+    x = ids(1, 3)
+    with torch.enable_grad():
+        for call in (lambda: steered(x), lambda: steered.step(x), lambda: steered.generate(x, max_new_tokens=1)):
+            with pytest.raises(ValueError, match=r"called with gradients enabled.*torch.no_grad\(\)"):
+                call()
+
+
+def test_a_device_held_cache_length_is_never_read_back(llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a static cache the default scope comes from the cache length the cache keeps on the
+    device: continuing the cache must not read it on the host (a sync per step on a GPU)."""
+    import transformers
+
+    model, saes, steered = llama
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    x = ids(2, 6, seed=3)
+    steering = sc.Steering(sc.Clamp(POST, 7, 6.0), tokens="generated")
+    with torch.no_grad():
+        model(x[:, :4], past_key_values=cache)  # allocate the cache eagerly
+        cache.reset()
+        steered(x[:, :4], past_key_values=cache, steering=steering)
+        length = cache.layers[0].cumulative_length
+        for name in ("__int__", "__index__", "__bool__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def guarded(self, *args, _original=original, _name=name):
+                assert self is not length, f"Tensor.{_name} read the cache length back to the host"
+                return _original(self, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, guarded)
+        got = steered(x[:, 4:], past_key_values=cache, steering=steering).logits
+        monkeypatch.undo()
+    expected = reference_logits(model, x, saes=saes, steering=steering, prompt_len=4)[:, 4:]
+    assert_rel_close(got, expected, 1e-5)

@@ -230,7 +230,7 @@ def every_path_active() -> bool:
 
 # Columns (features) per step when copying or folding SAE weights: bounds the scratch of a
 # dtype or device conversion to a few MiB instead of a second copy of the weights.
-_COPY_ELEMENTS = 1 << 22
+_COPY_ELEMENTS = 1 << 20
 
 
 class SiteState:
@@ -283,6 +283,7 @@ class SiteState:
         self._version = 0
         self._paths: tuple[tuple[int, int, int], Paths] | None = None
         self.broken: str | None = None
+        self.handle: str | None = None  # set by register_site
         if sae is not None:
             self._load_sae(sae)
 
@@ -511,6 +512,7 @@ def register_site(handle: str, state: SiteState) -> None:
                 "claim_handle_prefix(), which never hands out a live one: use it."
             )
         _REGISTRY[handle] = state
+        state.handle = handle
 
 
 def lookup_site(handle: str) -> SiteState:
