@@ -94,10 +94,11 @@ def _write_checkpoint(folder: Path, d_sae: int, d_in: int) -> None:
         "W_dec = torch.full((d_sae, d_in), 0.02)\n"
         "save_sae(SAE(W_enc, W_dec, hook_name='blocks.0.hook_resid_post'), sys.argv[1])\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(folder), str(d_sae), str(d_in)], check=True, env=_env())
+    subprocess.run([sys.executable, "-c", code, str(folder), str(d_sae), str(d_in)], check=True, env=child_env())
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment for a child process that imports sae_compile from this checkout."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
@@ -111,7 +112,7 @@ def run(d_sae: int, d_in: int, rows: tuple[str, ...] = ROWS) -> dict:
         for row in ("baseline", *[r for r in rows if r != "baseline"]):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", row, str(folder)],
-                check=True, capture_output=True, text=True, env=_env(),
+                check=True, capture_output=True, text=True, env=child_env(),
             )
             results[row] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["baseline"]["peak_mib"]

@@ -28,15 +28,13 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "site_memory_cpu.json"
+from bench_load_memory import child_env
+from bench_overhead import machine, save
+
 SITE = "blocks.0.hook_resid_post"
 
 
@@ -113,15 +111,14 @@ def _sae_mib(d_in: int, d_sae: int) -> float:
 def run(d_in: int, d_sae: int, repeats: int) -> dict:
     """Each figure is the median over ``repeats`` fresh processes: an occasional process shows
     a peak tens of MiB higher than the others for the same work, whatever the SAE size."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     children = []
     for _ in range(repeats):
         done = subprocess.run([sys.executable, __file__, "--child", str(d_in), str(d_sae)], check=True,
                               capture_output=True, text=True, env=env)
         children.append(json.loads(done.stdout.strip().splitlines()[-1]))
     medians = {key: statistics.median(child[key] for child in children) for key in children[0]}
-    return {"benchmark": "site_memory", "d_in": d_in, "d_sae": d_sae, "dtype": "float32",
-            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+    return {"benchmark": "site_memory", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "machine": machine("cpu"),
             **medians, "runs": children}
 
 
@@ -139,8 +136,7 @@ def main() -> None:
     parser.add_argument("--d-in", type=int, default=1024)
     parser.add_argument("--d-sae", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes; each figure is their median")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON only; write nothing")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON only; write no file")
     parser.add_argument("--child", nargs=2, type=int, metavar=("D_IN", "D_SAE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,9 +147,7 @@ def main() -> None:
         print(json.dumps(report))
         return
     _print(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    save(report, "site_memory_cpu")
 
 
 if __name__ == "__main__":

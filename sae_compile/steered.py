@@ -62,6 +62,19 @@ def steer(
     layout, available = discover_sites(model, fullgraph=fullgraph)
     attached = _attach(layout, available, _sae_by_site(saes), sites)
     _check_widths(attached, layout.hidden_size)
+    routing, states, prefix = _allocate_state(model, layout, attached, capacity)
+    handles = {site: state.handle for site, state in states.items()}
+    inner = resolve_inner_backend(backend, mode, options)
+    steering_backend = SteeringBackend(model, layout, handles, inner, on_graph, fullgraph) if attached else None
+    entry = fresh_entry_point(model.forward, prefix.replace(".", "_"))
+    compiled = torch.compile(entry, backend=steering_backend or inner, dynamic=dynamic, fullgraph=fullgraph)
+    return SteeredModel(model, layout, available, states, routing, compiled, steering_backend)
+
+
+def _allocate_state(
+    model: nn.Module, layout: DecoderLayout, attached: dict[Site, SAE | None], capacity: Capacity
+) -> tuple[RoutingState, dict[Site, SiteState], str]:
+    """The routing and one registered state per attached site, under handles of their own."""
     param = next(model.parameters())
     routing = RoutingState(capacity, param.dtype, param.device)
     prefix = claim_handle_prefix(_handle_digest(model, attached, capacity, param), routing)
@@ -69,14 +82,9 @@ def steer(
         site: SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
         for site, sae in attached.items()
     }
-    handles = {site: f"{prefix}:{site.name}" for site in attached}
     for site, state in states.items():
-        register_site(handles[site], state)
-    inner = resolve_inner_backend(backend, mode, options)
-    steering_backend = SteeringBackend(model, layout, handles, inner, on_graph, fullgraph) if attached else None
-    entry = fresh_entry_point(model.forward, prefix.replace(".", "_"))
-    compiled = torch.compile(entry, backend=steering_backend or inner, dynamic=dynamic, fullgraph=fullgraph)
-    return SteeredModel(model, layout, available, states, routing, compiled, steering_backend)
+        register_site(f"{prefix}:{site.name}", state)
+    return routing, states, prefix
 
 
 def _sae_by_site(saes: Mapping[str, SAE] | Sequence[SAE] | SAE | None) -> list[tuple[str, SAE]]:

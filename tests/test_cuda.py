@@ -107,3 +107,39 @@ def test_no_host_sync_in_the_steered_forward(setup) -> None:
             steered.step(ids[:, :1], past_key_values=cache)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_warmup_prepares_every_path_a_batch1_capture_holds(setup) -> None:
+    """``warmup`` of a batch-1 decode bucket, then a bare capture (no warmup of its own): the
+    capture holds every path, so it must find each already compiled and initialised (a lazy
+    Triton or cuBLAS init inside a global-mode capture raises), and a Reconstruct row admitted
+    after the capture must replay correctly."""
+    model, saes = setup
+    steered = sc.steer(model, saes, max_batch=1)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=PROMPT + 4)
+    prompt = torch.randint(3, 97, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    step_ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)  # allocate the cache eagerly
+    cache.reset()
+    steered.warmup([(1, PROMPT), (1, 1)], past_key_values=cache)
+    cache.reset()
+    steered.slots.admit("r", sc.Steering(sc.AddVector(POST, torch.ones(32))), PROMPT)
+    steered.slots.assign(["r"])
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        steered.step(prompt, past_key_values=cache)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = steered.step(step_ids, past_key_values=cache)
+    assert counters["stats"]["unique_graphs"] == graphs
+    reconstruct = sc.Steering(sc.Reconstruct(MLP), sc.Clamp(POST, 3, 4.0))
+    steered.slots.update("r", reconstruct)
+    cache.reset()
+    with torch.no_grad():
+        first = steered.step(prompt, past_key_values=cache).logits
+    step_ids.copy_(first[:, -1:].argmax(-1))
+    graph.replay()
+    tokens = torch.cat([prompt, step_ids], dim=1)
+    expected = reference_logits(model, tokens, saes=saes, steering=reconstruct, prompt_len=PROMPT)[:, -1]
+    assert_rel_close(out.logits[:, -1], expected, 1e-4)
