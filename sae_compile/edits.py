@@ -8,11 +8,13 @@ An edit says *what* to do at one site; DESIGN §4 says what it means per token:
 - ``Reconstruct``: replace ``x`` by ``f' @ W_dec + b_dec`` (the error term is dropped).
 
 At one site additive edits apply first, then the SAE edits. A ``Steering`` groups edits
-with the token scope they apply to.
+with the token scope they apply to. ``Steering.to_json`` / ``Steering.from_json`` carry a
+steering as JSON text, the wire format for clients other than Python (schema in the README).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,9 +30,13 @@ TOKEN_SCOPES: tuple[str, ...] = ("all", "prompt", "generated")
 def _finite_float(owner: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}.")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range (JSON allows such literals)
+        raise ValueError(f"{owner}: {name} must be finite, got an int too large for a float.") from None
+    if not math.isfinite(number):
         raise ValueError(f"{owner}: {name} must be finite, got {value}. NaN/inf would poison the residual stream.")
-    return float(value)
+    return number
 
 
 def _choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -147,3 +153,168 @@ class Steering:
     def sites(self) -> tuple[str, ...]:
         """The sites these edits touch, in first-mention order."""
         return tuple(dict.fromkeys(edit.site for edit in self.edits))
+
+    def to_json(self) -> str:
+        """This steering as JSON text; ``Steering.from_json`` reads it back to an equal steering.
+
+        Schema: ``{"tokens": ..., "edits": [...]}``, each edit an object with a ``"type"`` of
+        ``"clamp"``, ``"add_vector"`` or ``"reconstruct"`` and the constructor's fields (an
+        ``AddVector`` vector as a list of floats). Every field is written, defaults included.
+        """
+        edits = [_edit_to_json(edit) for edit in self.edits]
+        return json.dumps({"tokens": self.tokens, "edits": edits}, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Steering:
+        """Parse the JSON text written by ``to_json`` (or by any client that follows its schema).
+
+        ``tokens`` defaults to ``"all"``, a clamp's ``mode`` to ``"set"``, a vector's ``scale``
+        to 1.0. Vectors come back as float32 tensors on the CPU: a float32 vector round-trips
+        bit-exactly, a float64 one is rounded. Any malformed input (bad JSON, unknown or
+        missing keys, wrong types, NaN/inf, values the edit constructors reject) raises a
+        ``ValueError`` whose message starts with ``"steering JSON: "`` and names the edit.
+        """
+        data = _load_json_object(text)
+        unknown = sorted(set(data) - {"tokens", "edits"})
+        if unknown:
+            raise _json_error(f"unknown top-level key(s) {_quoted(unknown)}; allowed: 'tokens', 'edits'.")
+        if "edits" not in data:
+            raise _json_error("missing top-level key 'edits' (a list of edit objects; [] for none).")
+        raw_edits = data["edits"]
+        if not isinstance(raw_edits, list):
+            raise _json_error(f"'edits' must be a list of edit objects, got {_json_type(raw_edits)}.")
+        edits = [_edit_from_json(index, raw) for index, raw in enumerate(raw_edits)]
+        try:
+            return cls(*edits, tokens=data.get("tokens", "all"))
+        except (TypeError, ValueError) as exc:
+            raise _json_error(str(exc)) from exc
+
+
+# --- JSON wire format ------------------------------------------------------------------
+
+# Per edit type: its class, required fields, and optional fields with their defaults.
+_JSON_EDITS: dict[str, tuple[type, tuple[str, ...], dict[str, object]]] = {
+    "clamp": (Clamp, ("site", "feature", "value"), {"mode": "set"}),
+    "add_vector": (AddVector, ("site", "vector"), {"scale": 1.0}),
+    "reconstruct": (Reconstruct, ("site",), {}),
+}
+
+
+def _json_error(message: str) -> ValueError:
+    return ValueError(f"steering JSON: {message}")
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages a non-Python client can read."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _reject_constant(name: str) -> float:
+    # Python's json accepts NaN/Infinity literals that standard JSON does not have.
+    raise _json_error(f"{name} is not allowed: numbers must be finite.")
+
+
+def _finite_json_float(literal: str) -> float:
+    number = float(literal)
+    if not math.isfinite(number):  # e.g. 1e400, which float() turns into inf
+        raise _json_error(f"number {literal} is too large for a float: numbers must be finite.")
+    return number
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Parsers disagree on which of two equal keys wins, so a duplicate is ambiguous.
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _json_error(f"duplicate key {key!r} in an object.")
+        result[key] = value
+    return result
+
+
+def _load_json_object(text: object) -> dict[str, object]:
+    if not isinstance(text, str):
+        raise _json_error(f"expected the JSON text as a str, got {type(text).__name__}.")
+    try:
+        data = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite_json_float, object_pairs_hook=_unique_keys
+        )
+    except json.JSONDecodeError as exc:
+        raise _json_error(f"not valid JSON: {exc}.") from exc
+    if not isinstance(data, dict):
+        raise _json_error(f"the top level must be an object, got {_json_type(data)}.")
+    return data
+
+
+def _edit_to_json(edit: Edit) -> dict[str, object]:
+    if isinstance(edit, Clamp):
+        return {"type": "clamp", "site": edit.site, "feature": edit.feature, "value": edit.value, "mode": edit.mode}
+    if isinstance(edit, AddVector):
+        # float() of a float32 element is exact, and json writes floats with repr, which
+        # reads back to the same double: so the float32 rebuilt by from_json is bit-exact.
+        values = [float(v) for v in edit.vector.detach().cpu().tolist()]
+        return {"type": "add_vector", "site": edit.site, "vector": values, "scale": edit.scale}
+    return {"type": "reconstruct", "site": edit.site}
+
+
+def _edit_type(where: str, raw: dict[str, object]) -> str:
+    kinds = _quoted(list(_JSON_EDITS))
+    if "type" not in raw:
+        raise _json_error(f"{where}: missing 'type'; expected one of {kinds}.")
+    kind = raw["type"]
+    if not isinstance(kind, str) or kind not in _JSON_EDITS:
+        shown = repr(kind) if isinstance(kind, str) else _json_type(kind)
+        raise _json_error(f"{where}: unknown type {shown}; expected one of {kinds}.")
+    return kind
+
+
+def _edit_from_json(index: int, raw: object) -> Edit:
+    where = f"edits[{index}]"
+    if not isinstance(raw, dict):
+        raise _json_error(f"{where}: an edit must be an object, got {_json_type(raw)}.")
+    kind = _edit_type(where, raw)
+    edit_class, required, optional = _JSON_EDITS[kind]
+    fields = {key: value for key, value in raw.items() if key != "type"}
+    missing = [name for name in required if name not in fields]
+    if missing:
+        raise _json_error(f"{where}: {kind} edit is missing field(s) {_quoted(missing)}.")
+    unknown = sorted(set(fields) - set(required) - set(optional))
+    if unknown:
+        allowed = _quoted(["type", *required, *optional])
+        raise _json_error(f"{where}: {kind} edit has unknown field(s) {_quoted(unknown)}; allowed: {allowed}.")
+    kwargs = {**optional, **fields}
+    if kind == "add_vector":
+        kwargs["vector"] = _vector_from_json(where, kwargs["vector"])
+    try:
+        return edit_class(**kwargs)
+    except (TypeError, ValueError) as exc:  # the constructors' own checks, e.g. feature >= 0
+        raise _json_error(f"{where}: {exc}") from exc
+
+
+def _vector_from_json(where: str, raw: object) -> torch.Tensor:
+    if not isinstance(raw, list):
+        raise _json_error(f"{where}: vector must be a list of numbers, got {_json_type(raw)}.")
+    if not raw:
+        raise _json_error(f"{where}: vector must not be empty.")
+    values: list[float] = []
+    for position, element in enumerate(raw):
+        if isinstance(element, bool) or not isinstance(element, (int, float)):
+            raise _json_error(f"{where}: vector[{position}] must be a number, got {_json_type(element)}.")
+        try:
+            values.append(float(element))
+        except OverflowError:  # an integer literal past float's range
+            raise _json_error(f"{where}: vector[{position}] is too large for a float32.") from None
+    vector = torch.tensor(values, dtype=torch.float32)
+    finite = torch.isfinite(vector)
+    if not bool(finite.all()):
+        position = int((~finite).nonzero()[0, 0])
+        raise _json_error(f"{where}: vector[{position}] = {values[position]!r} is too large for a float32.")
+    return vector
