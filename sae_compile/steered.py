@@ -19,7 +19,7 @@ from .lowering.discovery import discover_sites
 from .lowering.sites import DecoderLayout, Site, SiteKind
 from .runtime.slots import SlotManager
 from .runtime.staging import SteeringArg, per_row_steerings
-from .runtime.state import Capacity, RoutingState, SiteState, claim_handle_prefix, every_path, register_site
+from .runtime.state import Capacity, RoutingState, SiteState, allocate_sites, every_path
 from .sae import SAE
 
 Sites = dict[Site, tuple[int, ...]]
@@ -76,15 +76,10 @@ def _allocate_state(
 ) -> tuple[RoutingState, dict[Site, SiteState], str]:
     """The routing and one registered state per attached site, under handles of their own."""
     param = next(model.parameters())
-    routing = RoutingState(capacity, param.dtype, param.device)
-    prefix = claim_handle_prefix(_handle_digest(model, attached, capacity, param), routing)
-    states = {
-        site: SiteState(site.name, layout.hidden_size, sae, capacity, routing, param.dtype, param.device)
-        for site, sae in attached.items()
-    }
-    for site, state in states.items():
-        register_site(f"{prefix}:{site.name}", state)
-    return routing, states, prefix
+    digest = _handle_digest(model, attached, capacity, param)
+    named = {site.name: sae for site, sae in attached.items()}
+    routing, by_name, prefix = allocate_sites(named, layout.hidden_size, capacity, param.dtype, param.device, digest)
+    return routing, {site: by_name[site.name] for site in attached}, prefix
 
 
 def _sae_by_site(saes: Mapping[str, SAE] | Sequence[SAE] | SAE | None) -> list[tuple[str, SAE]]:

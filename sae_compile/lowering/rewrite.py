@@ -17,6 +17,14 @@ _COPIED_META = ("example_value", "val", "tensor_meta", "nn_module_stack", "stack
 
 
 def insert_steering_ops(gm: fx.GraphModule, placements: dict[Site, tuple[SiteNode, str]]) -> int:
+    """Insert one ``steer(x, handle)`` per placement into ``gm`` and recompile it; returns how many."""
+    count = insert_into_graph(gm.graph, placements)
+    gm.graph.lint()
+    gm.recompile()
+    return count
+
+
+def insert_into_graph(graph: fx.Graph, placements: dict[Site, tuple[SiteNode, str]]) -> int:
     """Insert one ``steer(x, handle)`` per placement, in forward order; returns how many.
 
     Sites that share a node (resid_post of layer L-1 is resid_pre of layer L) chain, so the
@@ -26,8 +34,8 @@ def insert_steering_ops(gm: fx.GraphModule, placements: dict[Site, tuple[SiteNod
     for site in sorted(placements):
         site_node, handle = placements[site]
         source = latest.get(site_node.node, site_node.node)
-        with gm.graph.inserting_after(source):
-            steered = gm.graph.call_function(STEER_OP, (source, handle))
+        with graph.inserting_after(source):
+            steered = graph.call_function(STEER_OP, (source, handle))
         steered.meta.update({key: source.meta[key] for key in _COPIED_META if key in source.meta})
         consumers = site_node.consumers
         for user in list(source.users):
@@ -35,6 +43,4 @@ def insert_steering_ops(gm: fx.GraphModule, placements: dict[Site, tuple[SiteNod
                 user.replace_input_with(source, steered)
         if consumers is None:
             latest[site_node.node] = steered
-    gm.graph.lint()
-    gm.recompile()
     return len(placements)

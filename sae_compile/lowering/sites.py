@@ -54,6 +54,12 @@ class Site:
     def name(self) -> str:
         return f"blocks.{self.layer}.{self.kind.hook}"
 
+    @classmethod
+    def parse(cls, name: str) -> Site | None:
+        """The site a TransformerLens hook name ``blocks.{L}.hook_{kind}`` names (``None``: not one)."""
+        match = _CANONICAL.match(name)
+        return None if match is None else cls(int(match.group(1)), SiteKind[match.group(2).upper()])
+
 
 _CANONICAL = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
 # Name heuristics for the branch children (see ``_branch_children``): HF has no common
@@ -90,9 +96,9 @@ class DecoderLayout:
         ``<layer path>`` means resid_post, ``<layer path>.<attn child>`` attn_out and
         ``<layer path>.<mlp child>`` mlp_out. Raises ValueError for anything else.
         """
-        match = _CANONICAL.match(name)
-        if match is not None and int(match.group(1)) < len(self.layers):
-            return Site(int(match.group(1)), SiteKind[match.group(2).upper()])
+        site = Site.parse(name)
+        if site is not None and site.layer < len(self.layers):
+            return site
         for layer, path in enumerate(self.layer_paths):
             if name == path:
                 return Site(layer, SiteKind.RESID_POST)
@@ -116,7 +122,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
             f"{type(model).__name__} has no input embedding (get_input_embeddings()); "
             "sae_compile needs an HF decoder language model to find its hidden size."
         )
-    stack_path, stack = _layer_stack(model)
+    stack_path, stack = layer_stack(model)
     layer_paths = tuple(f"{stack_path}.{i}" for i in range(len(stack)))
     branches = [_branch_children(path, layer) for path, layer in zip(layer_paths, stack, strict=True)]
     attn_paths = tuple(attn for attn, _ in branches)
@@ -124,8 +130,9 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     return DecoderLayout(tuple(stack), layer_paths, attn_paths, mlp_paths, embeddings.embedding_dim)
 
 
-def _layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The path and ``ModuleList`` of the decoder layers (see ``decoder_layout``)."""
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and ``ModuleList`` of the decoder layers: the ``ModuleList`` of identically-typed
+    blocks holding the most parameters."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for path, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:

@@ -151,13 +151,7 @@ class SlotManager:
         ``prompt_lens`` overrides the requests' prompt lengths per batch row (or, as a 0-d
         device tensor, for every row, read on the device).
         """
-        capacity = self._routing.capacity.max_batch
-        if len(batch) > capacity:
-            raise ValueError(f"assign: batch of {len(batch)} rows exceeds max_batch={capacity}; pass a larger max_batch to sc.steer().")
-        unknown = [r for r in batch if r is not None and r not in self._requests]
-        if unknown:
-            raise ValueError(f"assign: requests {unknown!r} are not admitted; admit() them first.")
-        requests = [self._requests[r] if r is not None else None for r in batch]
+        requests = self._batch_requests("assign", batch)
         if prompt_lens is None:
             prompt_lens = [0 if r is None else r.prompt_len for r in requests]
         elif not isinstance(prompt_lens, torch.Tensor) and len(prompt_lens) != len(batch):
@@ -165,6 +159,25 @@ class SlotManager:
         lengths = prompt_lens if isinstance(prompt_lens, torch.Tensor) else list(prompt_lens)
         self._routing.assign([NO_STEERING_ROW if r is None else r.row for r in requests], lengths)
         self._batch = (list(batch), lengths)
+
+    @_locked
+    def assign_tokens(self, batch: Sequence[Hashable | None], counts: torch.Tensor, positions: torch.Tensor) -> None:
+        """Route the next token-major forward: request ``batch[i]`` owns the next ``counts[i]``
+        tokens (``counts``: a host tensor), in order; ``positions [num_tokens]`` are the tokens'
+        positions in their sequences, on the device. See ``RoutingState.route_tokens``."""
+        requests = self._batch_requests("assign_tokens", batch)
+        rows = [NO_STEERING_ROW if r is None else r.row for r in requests]
+        prompt_lens = [0 if r is None else r.prompt_len for r in requests]
+        self._routing.route_tokens(rows, prompt_lens, counts, positions)
+
+    def _batch_requests(self, method: str, batch: Sequence[Hashable | None]) -> list[Request | None]:
+        capacity = self._routing.capacity.max_batch
+        if len(batch) > capacity:
+            raise ValueError(f"{method}: batch of {len(batch)} rows exceeds max_batch={capacity}; pass a larger max_batch to sc.steer().")
+        unknown = [r for r in batch if r is not None and r not in self._requests]
+        if unknown:
+            raise ValueError(f"{method}: requests {unknown!r} are not admitted; admit() them first.")
+        return [self._requests[r] if r is not None else None for r in batch]
 
     @_locked
     def reapply(self) -> None:

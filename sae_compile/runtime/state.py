@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,11 @@ class RoutingState:
       (per steering row: 1 all, 2 prompt, 3 generated).
     Device-computed (per forward, by ``route``): ``token_mask [max_tokens]`` and the same
     mask as 0/1 in the model dtype, ``token_weight [max_tokens]``.
+
+    Token-major forwards (an engine's flattened ``[num_tokens, hidden]`` batch, ragged by
+    request) use ``route_tokens`` instead: each token carries its steering row in
+    ``token_rows [max_tokens]`` and its request's prompt length in
+    ``token_prompt_len [max_tokens]``, and the mask is computed from them on the device.
     """
 
     def __init__(self, capacity: Capacity, dtype: torch.dtype, device: torch.device) -> None:
@@ -90,6 +95,9 @@ class RoutingState:
         self.row_scope = torch.zeros(capacity.table_rows, dtype=torch.long, device=device)
         self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
         self.token_weight = torch.zeros(capacity.max_tokens, dtype=dtype, device=device)
+        self.token_rows = torch.zeros(capacity.max_tokens, dtype=torch.long, device=device)
+        self.token_prompt_len = torch.zeros(capacity.max_tokens, dtype=torch.long, device=device)
+        self._token_layout: tuple | None = None  # what token_rows and token_prompt_len hold
         self._scope_host = [0] * capacity.table_rows
         self._assigned: tuple[int, ...] = ()
         self._prompt_lens: tuple[int, ...] | None = ()
@@ -156,9 +164,8 @@ class RoutingState:
         if self.is_routed(batch, seq, attention_mask):
             return
         rows = self.batch_rows[:batch]  # [B]
-        scope = self.row_scope[rows][:, None]  # [B, 1]
         in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
-        mask = (scope == SCOPE_ALL) | ((scope == SCOPE_PROMPT) & in_prompt) | ((scope == SCOPE_GENERATED) & ~in_prompt)
+        mask = _scope_mask(self.row_scope[rows][:, None], in_prompt)  # [B, S]
         if attention_mask is not None and attention_mask.dim() == 2:
             # Padding is never steered. (A 4-D mask, as static-cache generation passes, has no
             # per-token padding column to read; a pad token's own output is unused anyway.)
@@ -169,17 +176,68 @@ class RoutingState:
         static = attention_mask is None and all(self._scope_host[r] in (0, SCOPE_ALL) for r in self._assigned[:batch])
         self._routed = (batch, seq, self._version) if static else None
 
+    def route_tokens(self, rows: Sequence[int], prompt_lens: Sequence[int], counts: torch.Tensor, positions: torch.Tensor) -> None:
+        """Route a token-major forward: request ``i`` uses steering row ``rows[i]``, has prompt
+        length ``prompt_lens[i]`` and owns the next ``counts[i]`` tokens (``counts``: a host
+        tensor). Tokens past ``counts.sum()`` (an engine's padding) are unsteered.
+
+        The per-token rows are expanded on the host and copied only when the layout changes (a
+        decode loop repeats one); the scope mask is computed on the device from ``positions
+        [num_tokens]``, so prompt/generated scopes follow the positions without a host read.
+        """
+        tokens = positions.shape[0]
+        if tokens > self.capacity.max_tokens:
+            raise ValueError(f"route_tokens: {tokens} tokens exceed max_tokens={self.capacity.max_tokens}.")
+        layout = (tuple(rows), tuple(prompt_lens), tuple(counts.tolist()), tokens)
+        if layout != self._token_layout:
+            self._write_token_layout(rows, prompt_lens, counts, tokens)
+            self._token_layout = layout
+            if tuple(rows) != self._assigned:
+                self._assigned, self._prompt_lens = tuple(rows), tuple(prompt_lens)
+                self._version += 1
+        if self._routed == (layout, self._version) and not self._capturing():
+            return  # no row's scope depends on position and nothing changed: the mask stands
+        in_prompt = positions < self.token_prompt_len[:tokens]  # [N]
+        mask = _scope_mask(self.row_scope[self.token_rows[:tokens]], in_prompt)  # [N]
+        self.token_mask[:tokens].copy_(mask)
+        self.token_weight[:tokens].copy_(mask)
+        static = all(self._scope_host[r] in (0, SCOPE_ALL) for r in rows)
+        self._routed = (layout, self._version) if static else None
+
+    def _write_token_layout(self, rows: Sequence[int], prompt_lens: Sequence[int], counts: torch.Tensor, tokens: int) -> None:
+        counts = counts.to(torch.long)
+        padding = tokens - int(counts.sum())
+        if padding < 0:
+            raise ValueError(f"route_tokens: the requests own {int(counts.sum())} tokens but the forward has {tokens}.")
+        for buffer, values in ((self.token_rows, rows), (self.token_prompt_len, prompt_lens)):
+            expanded = torch.repeat_interleave(torch.tensor(list(values), dtype=torch.long), counts)  # [N - padding]
+            buffer[:tokens].copy_(torch.cat([expanded, torch.zeros(padding, dtype=torch.long)]), non_blocking=True)
+
+    def view_tokens(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a token-major forward of ``tokens`` tokens: rows ``[N]``, mask ``[N, 1]`` and weight
+        ``[N, 1]``, the shapes of a ``[N, 1]`` batch, so every steering path serves both forms."""
+        return self.token_rows[:tokens], self.token_mask[:tokens].view(tokens, 1), self.token_weight[:tokens].view(tokens, 1)
+
     def is_routed(self, batch: int, seq: int, attention_mask: torch.Tensor | None) -> bool:
         """True when ``route`` would write what the mask already holds: no assigned row's scope
         depends on position, there is no padding, and neither the shape nor the assignment changed.
         Never while a CUDA graph is captured: its replays must recompute the mask."""
-        if self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        if self._capturing():
             return False
         return attention_mask is None and self._routed == (batch, seq, self._version)
 
+    def _capturing(self) -> bool:
+        return self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight")
+        names = ("batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight", "token_rows", "token_prompt_len")
         return {f"routing.{name}": getattr(self, name) for name in names}
+
+
+def _scope_mask(scope: torch.Tensor, in_prompt: torch.Tensor) -> torch.Tensor:
+    """Which tokens a steering row's scope covers, from the row's scope code and whether the token
+    is in its prompt (broadcast together)."""
+    return (scope == SCOPE_ALL) | ((scope == SCOPE_PROMPT) & in_prompt) | ((scope == SCOPE_GENERATED) & ~in_prompt)
 
 
 @dataclass
@@ -303,6 +361,11 @@ class SiteState:
         self.clamp_shift = zeros(rows, clamps, dtype=torch.float32)
         self.full_row = zeros(rows, dtype=torch.bool)
         self.reconstruct_row = zeros(rows, dtype=torch.bool)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the site steers in: the model's."""
+        return self.W_dec.dtype
 
     @property
     def elementwise(self) -> bool:
@@ -531,3 +594,21 @@ def live_handles() -> list[str]:
     """Every handle whose state is alive (tests check that none leak)."""
     with _REGISTRY_LOCK:
         return list(_REGISTRY.keys())
+
+
+def allocate_sites(
+    saes: dict[str, SAE | None],
+    hidden_size: int,
+    capacity: Capacity,
+    dtype: torch.dtype,
+    device: torch.device,
+    digest: str,
+) -> tuple[RoutingState, dict[str, SiteState], str]:
+    """One routing and one registered state per named site (``None``: additive steering only),
+    under handles ``{prefix}:{name}`` with a prefix claimed for ``digest``; returns the prefix too."""
+    routing = RoutingState(capacity, dtype, device)
+    prefix = claim_handle_prefix(digest, routing)
+    states = {name: SiteState(name, hidden_size, sae, capacity, routing, dtype, device) for name, sae in saes.items()}
+    for name, state in states.items():
+        register_site(f"{prefix}:{name}", state)
+    return routing, states, prefix

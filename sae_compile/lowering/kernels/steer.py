@@ -22,15 +22,36 @@ from . import torch_path, triton_sae
 
 
 def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """Steer ``x [B, S, D]`` with the rows and edits ``site`` currently holds; returns a new,
-    contiguous tensor."""
+    """Steer ``x`` with the rows and edits ``site`` currently holds; returns a new, contiguous tensor.
+
+    ``x`` is ``[B, S, D]`` (each batch row routed to a steering row) or token-major
+    ``[N, D]`` (each token routed to its own row, as an engine's flattened batch is). An ``x``
+    in another dtype than the site's (an engine that adds the residual stream in fp32) is
+    steered in the site's dtype, and its unsteered tokens come back exactly.
+    """
     if site.broken is not None:
         raise RuntimeError(f"sae_compile: {site.broken}; call load_sae() again with a valid SAE to repair it.")
+    if x.dim() == 2:
+        return _steer_tokens(x, site)
+    batch, seq, _ = x.shape
+    return _steer_rows(x, site, *site.routing.view(batch, seq))
+
+
+def _steer_tokens(x: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """Token-major ``x [N, D]``: a batch of ``N`` one-token rows, each with its token's row."""
+    tokens, d = x.shape
+    rows, mask, weight = site.routing.view_tokens(tokens)  # [N], [N, 1], [N, 1]
+    if x.dtype == site.dtype:
+        return _steer_rows(x.view(tokens, 1, d), site, rows, mask, weight).view(tokens, d)
+    steered = _steer_rows(x.to(site.dtype).view(tokens, 1, d), site, rows, mask, weight).view(tokens, d)
+    return torch.where(mask, steered.to(x.dtype), x)
+
+
+def _steer_rows(x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [B, S, D]`` with batch row ``b`` using steering row ``rows[b]`` on the tokens of ``mask``."""
     source = x
     x = x.contiguous()  # [B, S, D]; every path below returns x's layout
-    batch, seq, _ = x.shape
-    rows, mask, weight = site.routing.view(batch, seq)  # [B], [B, S] bool, [B, S] 0/1
-    paths = _paths(x, site, batch)
+    paths = _paths(x, site, x.shape[0])
     fused = x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
     out = x
     if fused and paths.sparse:

@@ -1,0 +1,145 @@
+"""``LLM`` and ``sampling_params``: the offline API of steered vLLM engines."""
+
+from __future__ import annotations
+
+import tempfile
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import transformers
+import vllm
+
+from ..edits import EDIT_TYPES, Edit, Steering
+from ..lowering.sites import Site
+from ..runtime.engine import SiteShape
+from ..sae import SAE
+from . import validation
+from .spec import CONFIG_KEY, STEERING_KEY, EngineSpec
+from .validation import SteeringValidator
+
+WORKER_CLS = "sae_compile.vllm.worker.SteeringWorker"
+_RESERVED = ("worker_cls", "additional_config")
+
+
+class LLM(vllm.LLM):
+    """A ``vllm.LLM`` for ``model`` whose compiled graph steers at the given sites.
+
+    ``saes`` maps TransformerLens site names (``blocks.3.hook_resid_post``) to an ``SAE`` or an
+    SAE folder (``sc.SAE.load`` reads it in each worker); an ``SAE`` object is written to a
+    temporary folder that lives as long as the engine. ``sites`` attaches further
+    sites for ``AddVector`` only. Every request of a batch can hold a steering row of its
+    own, so rows are vLLM's ``max_num_seqs``; ``max_rows``, if given, sets it. ``max_clamps``
+    is the clamped features per request and site. Everything else goes to ``vllm.LLM``.
+
+    Requests steer themselves with ``sampling_params(steering)``. A bad steering raises
+    ValueError, naming the problem, before the request reaches the engine, which serves on.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        saes: Mapping[str, SAE | str] | None = None,
+        *,
+        sites: Sequence[str] = (),
+        max_rows: int | None = None,
+        max_clamps: int = 16,
+        **vllm_kwargs: Any,
+    ) -> None:
+        for name in _RESERVED:
+            if name in vllm_kwargs:
+                raise ValueError(f"sae_compile.vllm.LLM sets {name}= itself; it cannot be passed.")
+        config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
+        _apply_max_rows(max_rows, vllm_kwargs)
+        folder = tempfile.TemporaryDirectory(prefix="sae_compile_vllm_")
+        loaded, paths = _materialise(saes or {}, Path(folder.name))
+        spec = EngineSpec({**dict.fromkeys(sites), **paths}, max_clamps)
+        validation.register(_site_shapes(loaded, sites, config.get_text_config(), spec.capacity(1, 1)))
+        self._sae_release = weakref.finalize(self, _release, folder)
+        vllm_kwargs["logits_processors"] = [*(vllm_kwargs.get("logits_processors") or []), SteeringValidator]
+        super().__init__(model, worker_cls=WORKER_CLS, additional_config={CONFIG_KEY: spec.to_config()}, **vllm_kwargs)
+
+    def steering_stats(self) -> list[dict[str, Any]]:
+        """Per worker: graphs rewritten and compiled, admitted requests and the rows they hold."""
+        return self.collective_rpc("sae_compile_stats")
+
+    def _add_request(self, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> str:
+        # Every offline request passes here (vLLM's funnel for generate, chat and enqueue):
+        # validating first makes a bad steering a ValueError of its own, not vLLM's wrapper.
+        if isinstance(params, vllm.SamplingParams):
+            validation.request_steering(params)
+        return super()._add_request(prompt, params, *args, **kwargs)
+
+
+def sampling_params(steering: Steering | Sequence[Edit] | None, **kwargs: Any) -> vllm.SamplingParams:
+    """``vllm.SamplingParams(**kwargs)`` for a request steered by ``steering`` (``None``: unsteered).
+
+    The steering travels as its JSON text in ``extra_args["sae_steering"]``, beside any other
+    ``extra_args`` given; it is checked against the engine's sites when the request is added.
+    """
+    extra_args = dict(kwargs.pop("extra_args", None) or {})
+    if steering is not None:
+        extra_args[STEERING_KEY] = _as_steering(steering).to_json()
+    return vllm.SamplingParams(extra_args=extra_args or None, **kwargs)
+
+
+def _as_steering(steering: Steering | Sequence[Edit]) -> Steering:
+    if isinstance(steering, Steering):
+        return steering
+    if isinstance(steering, (list, tuple)) and all(isinstance(edit, EDIT_TYPES) for edit in steering):
+        return Steering(*steering)
+    raise TypeError(f"steering must be a Steering, a list of edits or None, got {type(steering).__name__}.")
+
+
+def _apply_max_rows(max_rows: int | None, vllm_kwargs: dict[str, Any]) -> None:
+    """``max_rows`` is vLLM's ``max_num_seqs``: each request of a batch can hold a row of its own."""
+    if max_rows is None:
+        return
+    max_num_seqs = vllm_kwargs.setdefault("max_num_seqs", max_rows)
+    if max_num_seqs > max_rows:
+        raise ValueError(
+            f"max_rows={max_rows} is less than max_num_seqs={max_num_seqs}: a batch could hold more "
+            "steered requests than there are rows. Give max_rows >= max_num_seqs."
+        )
+
+
+def _materialise(saes: Mapping[str, SAE | str], folder: Path) -> tuple[dict[str, SAE], dict[str, str]]:
+    """Each site's SAE in memory (for the shapes) and on disk (for the workers)."""
+    loaded, paths = {}, {}
+    for index, (site, sae) in enumerate(saes.items()):
+        if isinstance(sae, SAE):
+            path = folder / f"sae_{index}"
+            sae.save(path)
+            loaded[site], paths[site] = sae, str(path)
+        elif isinstance(sae, (str, Path)):
+            loaded[site], paths[site] = SAE.load(sae), str(sae)
+        else:
+            raise TypeError(f"saes[{site!r}] must be an SAE or the path of an SAE folder, got {type(sae).__name__}.")
+    return loaded, paths
+
+
+def _site_shapes(saes: dict[str, SAE], additive: Sequence[str], text_config: Any, capacity: Any) -> dict[str, SiteShape]:
+    """The shape of each attached site; raises ValueError for a site the model does not have."""
+    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
+    shapes = {}
+    for name in [*additive, *saes]:
+        site = Site.parse(name) if isinstance(name, str) else None
+        if site is None or site.layer >= layers:
+            raise ValueError(
+                f"Unknown site {name!r}: sites are blocks.L.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post) "
+                f"with L in 0..{layers - 1}."
+            )
+        sae = saes.get(name)
+        if sae is not None and sae.d_in != hidden:
+            raise ValueError(f"The SAE for {name} has d_in={sae.d_in} but the model's hidden size is {hidden}.")
+        shapes[name] = SiteShape(hidden, 0 if sae is None else sae.d_sae, capacity)
+    return shapes
+
+
+def _release(folder: tempfile.TemporaryDirectory) -> None:
+    """What an engine holds in this process beyond vLLM's own: its sites' shapes and SAE files."""
+    validation.unregister()
+    folder.cleanup()
+
+

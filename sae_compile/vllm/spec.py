@@ -1,0 +1,51 @@
+"""What a steered engine is configured with, as it travels to vLLM's worker processes.
+
+The engine's ``additional_config["sae_compile"]`` (JSON, hashed into vLLM's config hash, so
+its compile cache keeps steered and plain graphs apart) names each attached site's SAE folder
+and the capacities. Workers load the SAEs themselves; the front end (the process that accepts
+requests) keeps the sites' shapes to validate requests before they reach the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime.state import Capacity
+
+#: The ``SamplingParams.extra_args`` key (and ``vllm_xargs`` key) of a request's steering JSON.
+STEERING_KEY = "sae_steering"
+CONFIG_KEY = "sae_compile"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Attached sites (site -> SAE folder, ``None`` for additive-only) and the clamps per request
+    and site. The other capacities are the engine's own: a row per request of a batch (vLLM's
+    ``max_num_seqs``), so a batch never runs out of rows, and its largest token batch."""
+
+    saes: Mapping[str, str | None]
+    max_clamps: int
+
+    def capacity(self, max_rows: int, max_tokens: int) -> Capacity:
+        return Capacity(max_rows=max_rows, max_clamps=self.max_clamps, max_batch=max_rows, max_tokens=max_tokens)
+
+    def to_config(self) -> dict[str, Any]:
+        """The JSON-able form carried in ``additional_config[CONFIG_KEY]``."""
+        return {"saes": dict(sorted(self.saes.items())), "max_clamps": self.max_clamps}
+
+    @classmethod
+    def from_config(cls, additional_config: Mapping[str, Any] | None) -> EngineSpec | None:
+        """The spec in an engine's ``additional_config`` (``None``: the engine is not steered)."""
+        config = (additional_config or {}).get(CONFIG_KEY)
+        if config is None:
+            return None
+        return cls(dict(config["saes"]), int(config["max_clamps"]))
+
+    def digest(self, *parts: str) -> str:
+        """A digest of the spec and ``parts`` (model, dtype, capacity): the prefix of the site handles."""
+        text = json.dumps([self.to_config(), *parts], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
