@@ -15,7 +15,15 @@ pytest.importorskip("vllm")
 
 import sae_compile as sc  # noqa: E402
 from sae_compile.vllm import LLM, STEERING_KEY, sampling_params  # noqa: E402
-from tests.serving.engine_models import ADDITIVE_SITES, HIDDEN, PROMPTS, hf_generate, hf_reference, save_llama, site_saes  # noqa: E402
+from tests.serving.engine_models import (  # noqa: E402
+    ADDITIVE_SITES,
+    HIDDEN,
+    PROMPTS,
+    hf_generate,
+    hf_reference,
+    save_llama,
+    site_saes,
+)
 
 pytestmark = pytest.mark.vllm
 
