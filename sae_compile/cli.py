@@ -1,4 +1,4 @@
-"""The ``sae-compile`` command line: ``demo``, ``sites``, ``generate`` and ``bench``.
+"""The ``sae-compile`` command line: ``demo``, ``sites``, ``generate``, ``bench`` and ``serve``.
 
 Each subcommand is a thin wrapper over the public API. Bad input (a malformed ``--clamp``, an
 unknown site, a missing file) is reported as one ``sae-compile: error: ...`` line on stderr
@@ -11,6 +11,7 @@ with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -42,7 +43,14 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sae-compile`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" belongs to the engine (serve); argparse would take it for its own.
+    head, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = _build_parser()
+    args = parser.parse_args(head)
+    if passthrough and args.command != "serve":
+        parser.error(f"only serve takes arguments after --, got {' '.join(passthrough)!r}")
+    args.passthrough = passthrough
     try:
         return args.run(args)
     except USER_ERRORS as err:
@@ -83,7 +91,27 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--script", type=Path, default=BENCH_SCRIPT, help=argparse.SUPPRESS)  # tests point it elsewhere
     bench.add_argument("args", nargs="*", metavar="-- ARGS", help="passed to the benchmark script (after a --)")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser(
+        "serve", help="serve MODEL with vLLM's OpenAI-compatible server, steered per request",
+        usage="sae-compile serve MODEL [--sae SITE=PATH ...] [--site SITE ...] [-- VLLM_SERVE_ARGS ...]",
+        epilog="Arguments after -- go to vllm serve (--port, --dtype, --tensor-parallel-size, ...).",
+    )
+    serve.add_argument("model", metavar="MODEL", help="local Hugging Face checkpoint directory (with its tokenizer)")
+    serve.add_argument("--sae", action="append", default=[], type=_parse_site_path, metavar="SITE=PATH",
+                       help="attach the SAE folder PATH at SITE; repeatable")
+    serve.add_argument("--site", action="append", default=[], metavar="SITE", help="attach SITE for AddVector only; repeatable")
+    serve.add_argument("--max-clamps", type=int, default=16, help="clamped features per request and site (default: 16)")
+    serve.set_defaults(run=_serve)
     return parser
+
+
+def _parse_site_path(text: str) -> tuple[str, str]:
+    """``SITE=PATH`` -> ``(SITE, PATH)``."""
+    site, equals, path = text.partition("=")
+    if not (site and equals and path):
+        raise argparse.ArgumentTypeError(f"expected SITE=PATH, got {text!r}")
+    return site, path
 
 
 def _parse_clamp(text: str) -> sc.Clamp:
@@ -169,6 +197,18 @@ def _place_sae(path: str, sae_edits: list[sc.Clamp | sc.Reconstruct], device: st
             "name one with a --clamp or --reconstruct."
         )
     return {site: sae}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Engines plug in through an entry point, so the CLI never imports an integration itself.
+    engines = {entry.name: entry for entry in importlib.metadata.entry_points(group="sae_compile.serve")}
+    if "vllm" not in engines:
+        raise ValueError('serving needs the vLLM integration: pip install "sae-compile[vllm]"')
+    try:
+        serve = engines["vllm"].load()
+    except ImportError as err:
+        raise ValueError(str(err)) from err
+    return serve(args.model, dict(args.sae), args.site, args.max_clamps, args.passthrough)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -12,8 +12,6 @@ import transformers
 import vllm
 
 from ..edits import EDIT_TYPES, Edit, Steering
-from ..lowering.sites import Site
-from ..runtime.engine import SiteShape
 from ..sae import SAE
 from . import validation
 from .spec import CONFIG_KEY, STEERING_KEY, EngineSpec
@@ -55,7 +53,7 @@ class LLM(vllm.LLM):
         folder = tempfile.TemporaryDirectory(prefix="sae_compile_vllm_")
         loaded, paths = _materialise(saes or {}, Path(folder.name))
         spec = EngineSpec({**dict.fromkeys(sites), **paths}, max_clamps)
-        validation.register(_site_shapes(loaded, sites, config.get_text_config(), spec.capacity(1, 1)))
+        validation.register(validation.front_end_shapes(loaded, sites, config.get_text_config(), max_clamps))
         self._sae_release = weakref.finalize(self, _release, folder)
         vllm_kwargs["logits_processors"] = [*(vllm_kwargs.get("logits_processors") or []), SteeringValidator]
         super().__init__(model, worker_cls=WORKER_CLS, additional_config={CONFIG_KEY: spec.to_config()}, **vllm_kwargs)
@@ -117,24 +115,6 @@ def _materialise(saes: Mapping[str, SAE | str], folder: Path) -> tuple[dict[str,
         else:
             raise TypeError(f"saes[{site!r}] must be an SAE or the path of an SAE folder, got {type(sae).__name__}.")
     return loaded, paths
-
-
-def _site_shapes(saes: dict[str, SAE], additive: Sequence[str], text_config: Any, capacity: Any) -> dict[str, SiteShape]:
-    """The shape of each attached site; raises ValueError for a site the model does not have."""
-    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
-    shapes = {}
-    for name in [*additive, *saes]:
-        site = Site.parse(name) if isinstance(name, str) else None
-        if site is None or site.layer >= layers:
-            raise ValueError(
-                f"Unknown site {name!r}: sites are blocks.L.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post) "
-                f"with L in 0..{layers - 1}."
-            )
-        sae = saes.get(name)
-        if sae is not None and sae.d_in != hidden:
-            raise ValueError(f"The SAE for {name} has d_in={sae.d_in} but the model's hidden size is {hidden}.")
-        shapes[name] = SiteShape(hidden, 0 if sae is None else sae.d_sae, capacity)
-    return shapes
 
 
 def _release(folder: tempfile.TemporaryDirectory) -> None:

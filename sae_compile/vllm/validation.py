@@ -14,14 +14,18 @@ serve several engines only if they attach the same sites with the same shapes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from ..edits import Steering
+from ..lowering.sites import Site
 from ..runtime.engine import SiteShape, validate_steering
+from ..runtime.state import Capacity
+from ..sae import SAE
 from .spec import STEERING_KEY
 
 _LOCK = threading.Lock()
@@ -70,6 +74,26 @@ def request_steering(params: SamplingParams) -> Steering | None:
     except TypeError as error:
         raise ValueError(str(error)) from error
     return steering
+
+
+def front_end_shapes(saes: Mapping[str, SAE], additive: Sequence[str], text_config: Any, max_clamps: int) -> dict[str, SiteShape]:
+    """The shape of each attached site (``additive``: no SAE); raises ValueError for a site the
+    model does not have or an SAE that does not fit it."""
+    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
+    capacity = Capacity(max_clamps=max_clamps)
+    shapes = {}
+    for name in [*additive, *saes]:
+        site = Site.parse(name) if isinstance(name, str) else None
+        if site is None or site.layer >= layers:
+            raise ValueError(
+                f"Unknown site {name!r}: sites are blocks.L.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post) "
+                f"with L in 0..{layers - 1}."
+            )
+        sae = saes.get(name)
+        if sae is not None and sae.d_in != hidden:
+            raise ValueError(f"The SAE for {name} has d_in={sae.d_in} but the model's hidden size is {hidden}.")
+        shapes[name] = SiteShape(hidden, 0 if sae is None else sae.d_sae, capacity)
+    return shapes
 
 
 class SteeringValidator(LogitsProcessor):
