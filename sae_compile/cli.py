@@ -44,12 +44,13 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sae-compile`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after "--" belongs to the engine (serve); argparse would take it for its own.
+    # Everything after "--" belongs to the program a command runs (bench, serve); argparse would
+    # otherwise read it as its own options.
     head, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = _build_parser()
     args = parser.parse_args(head)
-    if passthrough and args.command != "serve":
-        parser.error(f"only serve takes arguments after --, got {' '.join(passthrough)!r}")
+    if passthrough and args.command not in ("bench", "serve"):
+        parser.error(f"only bench and serve take arguments after --, got {' '.join(passthrough)!r}")
     args.passthrough = passthrough
     try:
         return args.run(args)
@@ -87,9 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device for the model and SAE (default: cpu)")
     gen.set_defaults(run=_generate)
 
-    bench = commands.add_parser("bench", help="run the overhead benchmark (source checkout only)")
+    bench = commands.add_parser(
+        "bench", help="run the overhead benchmark (source checkout only)",
+        epilog="Arguments after -- go to the benchmark script.",
+    )
     bench.add_argument("--script", type=Path, default=BENCH_SCRIPT, help=argparse.SUPPRESS)  # tests point it elsewhere
-    bench.add_argument("args", nargs="*", metavar="-- ARGS", help="passed to the benchmark script (after a --)")
     bench.set_defaults(run=_bench)
 
     serve = commands.add_parser(
@@ -217,7 +220,7 @@ def _bench(args: argparse.Namespace) -> int:
             f"benchmark script {args.script} not found. `sae-compile bench` runs the benchmarks of a "
             "source checkout; clone the repository and run it there."
         )
-    return subprocess.run([sys.executable, str(args.script), *args.args], check=False).returncode
+    return subprocess.run([sys.executable, str(args.script), *args.passthrough], check=False).returncode
 
 
 def _load_model(path: str) -> torch.nn.Module:

@@ -8,6 +8,7 @@ generation has a known word to look for.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -212,3 +213,16 @@ def test_bench_runs_the_script_and_passes_its_arguments(tmp_path: Path) -> None:
     result = cli("bench", "--script", script, "--", "--repeats", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["| case | ms |", "| args | --repeats 3 |"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_serve_without_vllm_names_the_install(tmp_path: Path) -> None:
+    assert_user_error(cli("serve", tmp_path, "--", "--port", "1"), 'pip install "sae-compile[vllm]"')
+
+
+def test_serve_checks_its_own_arguments_first(tmp_path: Path) -> None:
+    assert_user_error(cli("serve", tmp_path, "--sae", "blocks.0.hook_resid_post"), "SITE=PATH")
+
+
+def test_only_bench_and_serve_pass_arguments_on(tmp_path: Path) -> None:
+    assert_user_error(cli("sites", tmp_path, "--", "--port", "1"), "only bench and serve")
