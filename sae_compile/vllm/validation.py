@@ -28,31 +28,50 @@ from ..runtime.state import Capacity
 from ..sae import SAE
 from .spec import STEERING_KEY
 
-_LOCK = threading.Lock()
-_SHAPES: dict[str, SiteShape] | None = None
-_ENGINES = 0
+
+class _FrontEnd:
+    """The attached sites' shapes of the steered engines this process accepts requests for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shapes: dict[str, SiteShape] | None = None
+        self._engines = 0
+
+    def register(self, shapes: Mapping[str, SiteShape]) -> None:
+        shapes = dict(shapes)
+        with self._lock:
+            if self._engines and shapes != self._shapes:
+                raise ValueError(
+                    "sae_compile.vllm: another steered engine in this process attaches other sites "
+                    f"({sorted(self._shapes or {})}); requests are validated per process, so one process "
+                    "serves engines with the same sites only. Shut the other engine down first."
+                )
+            self._shapes, self._engines = shapes, self._engines + 1
+
+    def unregister(self) -> None:
+        with self._lock:
+            self._engines = max(0, self._engines - 1)
+            if self._engines == 0:
+                self._shapes = None
+
+    def shapes(self) -> dict[str, SiteShape]:
+        with self._lock:
+            if self._shapes is None:
+                raise ValueError("sae_compile.vllm: this process has no steered engine to validate the request's steering against.")
+            return self._shapes
+
+
+_FRONT_END = _FrontEnd()
 
 
 def register(shapes: Mapping[str, SiteShape]) -> None:
     """Validate this process's requests against ``shapes`` until a matching ``unregister``."""
-    global _SHAPES, _ENGINES
-    shapes = dict(shapes)
-    with _LOCK:
-        if _ENGINES and shapes != _SHAPES:
-            raise ValueError(
-                "sae_compile.vllm: another steered engine in this process attaches other sites "
-                f"({sorted(_SHAPES or {})}); requests are validated per process, so one process serves "
-                "engines with the same sites only. Shut the other engine down first."
-            )
-        _SHAPES, _ENGINES = shapes, _ENGINES + 1
+    _FRONT_END.register(shapes)
 
 
 def unregister() -> None:
-    global _SHAPES, _ENGINES
-    with _LOCK:
-        _ENGINES = max(0, _ENGINES - 1)
-        if _ENGINES == 0:
-            _SHAPES = None
+    """An engine registered with ``register`` is gone."""
+    _FRONT_END.unregister()
 
 
 def request_steering(params: SamplingParams) -> Steering | None:
@@ -65,12 +84,8 @@ def request_steering(params: SamplingParams) -> Steering | None:
     if text is None:
         return None
     steering = Steering.from_json(text)
-    with _LOCK:
-        shapes = _SHAPES
-    if shapes is None:
-        raise ValueError("sae_compile.vllm: this process has no steered engine to validate the request's steering against.")
     try:
-        validate_steering(steering, shapes)
+        validate_steering(steering, _FRONT_END.shapes())
     except TypeError as error:
         raise ValueError(str(error)) from error
     return steering
