@@ -1,6 +1,6 @@
 """Read SAE checkpoints from the public releases and write them in the SAELens layout (DESIGN §6).
 
-``read_checkpoint(path)`` (behind ``sc.SAE.load`` and ``sae_compile.sae.load_sae``) recognises four
+``read_checkpoint(path)`` (behind ``sc.SAE.load`` and ``sae_compile.sae.load_sae``) recognises five
 layouts without importing the library that wrote them:
 
 ==========================  ===========================================================
@@ -11,7 +11,13 @@ format                      files
                             ``.safetensors`` holding ``W_enc W_dec b_enc b_dec threshold``)
 ``sparsify``                ``cfg.json`` + ``sae.safetensors``, one folder per hookpoint
 ``dictionary_learning``     ``ae.pt`` + ``config.json``
+``goodfire``                one ``.pth`` (or ``.pt``) state dict with ``encoder_linear.*``
+                            and ``decoder_linear.*`` (Goodfire's Llama 3 SAEs)
 ==========================  ===========================================================
+
+A folder is recognised by its file names (``checkpoint_files``, which ``sae_compile.hub`` also
+applies to a Hub folder's listing, so that only those files are downloaded); a ``.pth`` / ``.pt``
+file other than ``ae.pt`` by the keys it holds.
 
 Each loader reproduces the encode/decode of the library that wrote the file, as DESIGN §4 math
 (``pre = (x - b_dec?) @ W_enc + b_enc``, ``f = act(pre)``, ``x_hat = f @ W_dec + b_dec``). What a
@@ -54,6 +60,17 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 DICTIONARY_LEARNING_CFG = "config.json"
 DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 GEMMA_SCOPE_WEIGHTS = ("params.npz", "params.safetensors")
+TORCH_SUFFIXES = (".pth", ".pt")
+# The config file each weights file's loader reads from the same folder.
+_CONFIG_OF_WEIGHTS = {
+    SAELENS_WEIGHTS: SAELENS_CFG, SPARSIFY_WEIGHTS: SPARSIFY_CFG, DICTIONARY_LEARNING_WEIGHTS: DICTIONARY_LEARNING_CFG,
+}
+#: The layouts read_checkpoint reads, for error messages.
+LAYOUTS = (
+    f"SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}), Gemma Scope ({' or '.join(GEMMA_SCOPE_WEIGHTS)}), "
+    f"sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}), dictionary_learning ({DICTIONARY_LEARNING_WEIGHTS} + "
+    f"{DICTIONARY_LEARNING_CFG}) and Goodfire (one .pth state dict)"
+)
 
 _SAELENS_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 _BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -120,7 +137,7 @@ def read_checkpoint(
     mismatch, non-finite weights, or an architecture/normalisation this library cannot run exactly,
     and ``TypeError`` for options of the wrong kind.
     """
-    _check_read_options(dtype, hook_name, layer)
+    check_read_options(dtype, hook_name, layer)
     fmt, weights_file = detect_format(path)
     reading = _Reading(dtype=dtype, device=None if device is None else torch.device(device))
     checkpoint = _LOADERS[fmt](weights_file, layer, reading)
@@ -151,25 +168,43 @@ def save_sae(sae: SAEFields, path: str | os.PathLike[str]) -> None:
     _atomic_write(folder / SAELENS_CFG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
-def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """The checkpoint format at ``path`` (``saelens``, ``gemma_scope``, ``sparsify`` or
-    ``dictionary_learning``) and the weights file to read.
+def checkpoint_files(names: Collection[str]) -> list[str] | None:
+    """The files ``read_checkpoint`` reads from a checkpoint folder that holds the files ``names``:
+    the weights file, then the config file its format needs (``files_for_weights``).
 
-    ``path`` may be a checkpoint folder or the weights file inside one. Raises ``ValueError``
-    naming the path when no known layout matches.
+    The weights file is the first of ``sae_weights.safetensors``, ``sae.safetensors``, ``ae.pt``,
+    ``params.npz``, ``params.safetensors`` present, else the folder's only ``.pth`` / ``.pt`` file.
+    ``None`` when there is none of these. ``detect_format`` picks a folder's weights file by this,
+    and so does Hub loading from a folder's listing.
+    """
+    known = (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, DICTIONARY_LEARNING_WEIGHTS, *GEMMA_SCOPE_WEIGHTS)
+    weights = next((name for name in known if name in names), None)
+    torch_files = [name for name in names if Path(name).suffix in TORCH_SUFFIXES]
+    if weights is None and len(torch_files) == 1:
+        weights = torch_files[0]
+    return None if weights is None else files_for_weights(weights)
+
+
+def files_for_weights(weights_name: str) -> list[str]:
+    """``[weights_name]``, followed by the config file that the loader for a weights file of that
+    name reads from the same folder (``cfg.json`` or ``config.json``) where it reads one."""
+    config = _CONFIG_OF_WEIGHTS.get(weights_name)
+    return [weights_name] if config is None else [weights_name, config]
+
+
+def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """The checkpoint format at ``path`` (``saelens``, ``gemma_scope``, ``sparsify``,
+    ``dictionary_learning`` or ``goodfire``) and the weights file to read.
+
+    ``path`` may be a checkpoint folder (its weights file is chosen by ``checkpoint_files``) or a
+    weights file. Raises ``ValueError`` naming the path when no known layout matches.
     """
     path = Path(path)
     if path.is_dir():
-        for fmt, name in (
-            ("saelens", SAELENS_WEIGHTS), ("sparsify", SPARSIFY_WEIGHTS),
-            ("dictionary_learning", DICTIONARY_LEARNING_WEIGHTS),
-        ):
-            if (path / name).is_file():
-                return fmt, path / name
-        for name in GEMMA_SCOPE_WEIGHTS:
-            if (path / name).is_file():
-                return "gemma_scope", path / name
-        raise _unknown_layout(path, _listing(path))
+        files = checkpoint_files({p.name for p in path.iterdir() if p.is_file()})
+        if files is None:
+            raise _unknown_layout(path, _listing(path))
+        return detect_format(path / files[0])
     if not path.is_file():
         raise ValueError(
             f"{path}: no such file or folder. load_sae needs a checkpoint folder or its weights "
@@ -182,6 +217,8 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
         return by_name[path.name], path
     if path.suffix == ".npz" or path.name in GEMMA_SCOPE_WEIGHTS:
         return "gemma_scope", path
+    if path.suffix in TORCH_SUFFIXES:
+        return _torch_file_format(path), path
     if path.suffix == ".safetensors":
         with _open_weights(path, _Reading(None, None)) as weights:
             if _first_present(weights, "W_enc", "w_enc") and "threshold" in weights:
@@ -190,7 +227,15 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     raise _unknown_layout(path, [path.name])
 
 
-def _check_read_options(dtype: torch.dtype | None, hook_name: str | None, layer: int | None) -> None:
+def _torch_file_format(path: Path) -> str:
+    """The format of a torch state dict other than ``ae.pt``, by its keys (its name says nothing)."""
+    keys = _torch_state_dict(path).keys()
+    if "encoder_linear.weight" in keys:
+        return "goodfire"
+    raise _unknown_layout(path, sorted(keys))
+
+
+def check_read_options(dtype: torch.dtype | None, hook_name: str | None, layer: int | None) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"load_sae: dtype must be a floating point torch.dtype or None, got {dtype!r}.")
     if hook_name is not None and not isinstance(hook_name, str):
@@ -314,8 +359,8 @@ def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     ):
         raise ValueError(
             f"{path}: expected a state dict (str -> Tensor), got {type(state).__name__}. "
-            "dictionary_learning saves ae.pt as the autoencoder's state_dict(). Re-save it with "
-            "torch.save(ae.state_dict(), path)."
+            "dictionary_learning (ae.pt) and Goodfire (.pth) save the autoencoder's state_dict(). "
+            "Re-save it with torch.save(ae.state_dict(), path)."
         )
     return state
 
@@ -401,11 +446,9 @@ def _unknown_layout(path: Path, contents: list[str]) -> ValueError:
     nested = [c for c in contents if c.endswith("/") and (path / c / "cfg.json").is_file()]
     hint = f" It holds several checkpoints ({nested[:5]}); pass one of those folders." if nested else ""
     return ValueError(
-        f"{path}: unknown SAE checkpoint layout (found {contents[:20]}). load_sae reads SAELens "
-        f"({SAELENS_CFG} + {SAELENS_WEIGHTS}), Gemma Scope ({' or '.join(GEMMA_SCOPE_WEIGHTS)}), "
-        f"sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}) and dictionary_learning "
-        f"({DICTIONARY_LEARNING_WEIGHTS} + {DICTIONARY_LEARNING_CFG}).{hint} Point it at a folder "
-        "with one of these layouts, or build the SAE from tensors with sc.SAE(...)."
+        f"{path}: unknown SAE checkpoint layout (found {contents[:20]}). load_sae reads {LAYOUTS}."
+        f"{hint} Point it at a folder or file with one of these layouts, or build the SAE from "
+        "tensors with sc.SAE(...)."
     )
 
 
@@ -740,11 +783,42 @@ def _dictionary_learning_hook(trainer: Mapping[str, Any], layer: int | None) -> 
     return _block_hook(layer if layer is not None else file_layer, point)
 
 
+def _load_goodfire(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
+    """Goodfire's released Llama 3 SAEs: ``f = relu(x @ W_enc.T + b_enc)``, ``x_hat = f @ W_dec.T + b_dec``.
+
+    The layout (nn.Linear ``encoder_linear`` [F, D] and ``decoder_linear`` [D, F], ReLU, no b_dec
+    subtraction) is the ``SparseAutoEncoder`` of Goodfire's model card, as SAELens's ``goodfire``
+    loader also reads it. The file has no config, so the shapes come from ``encoder_linear.weight``.
+    """
+    with _open_weights(weights_file, reading) as weights:
+        d_sae, d_in = _matrix_shape(weights, "encoder_linear.weight", "Goodfire stores it as nn.Linear [d_sae, d_in].")
+        return Checkpoint(
+            W_enc=weights.tensor("encoder_linear.weight", (d_sae, d_in), "[d_sae, d_in], nn.Linear layout").T,
+            W_dec=weights.tensor("decoder_linear.weight", (d_in, d_sae), "[d_in, d_sae], nn.Linear layout").T,
+            b_enc=weights.tensor("encoder_linear.bias", (d_sae,), "[d_sae]"),
+            b_dec=weights.tensor("decoder_linear.bias", (d_in,), "[d_in]"),
+            activation="relu", threshold=None, k=None,
+            apply_b_dec_to_input=False,  # Goodfire encodes x itself
+            hook_name=_goodfire_hook(weights_file.name, layer),
+        )
+
+
+def _goodfire_hook(file_name: str, layer: int | None) -> str | None:
+    """resid_post of the layer in the release's file name (``Llama-3.1-8B-Instruct-SAE-l19.pth``).
+
+    Goodfire trained on the output of ``model.layers.{L}``, TransformerLens ``blocks.{L}.hook_resid_post``.
+    """
+    match = re.search(r"-SAE-l(\d+)\.pth?$", file_name, re.IGNORECASE)
+    file_layer = None if match is None else int(match.group(1))
+    return _block_hook(layer if layer is not None else file_layer, "hook_resid_post")
+
+
 _LOADERS: dict[str, Callable[[Path, int | None, _Reading], Checkpoint]] = {
     "saelens": _load_saelens,
     "gemma_scope": _load_gemma_scope,
     "sparsify": _load_sparsify,
     "dictionary_learning": _load_dictionary_learning,
+    "goodfire": _load_goodfire,
 }
 
 

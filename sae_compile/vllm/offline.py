@@ -48,6 +48,8 @@ class LLM(vllm.LLM):
         for name in _RESERVED:
             if name in vllm_kwargs:
                 raise ValueError(f"sae_compile.vllm.LLM sets {name}= itself; it cannot be passed.")
+        if vllm_kwargs.get("enforce_eager"):
+            raise ValueError("sae_compile.vllm steers inside vLLM's compiled graph; enforce_eager=True compiles nothing.")
         config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=vllm_kwargs.get("trust_remote_code", False))
         _apply_max_rows(max_rows, vllm_kwargs)
         folder = tempfile.TemporaryDirectory(prefix="sae_compile_vllm_")

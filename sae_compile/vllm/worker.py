@@ -20,6 +20,7 @@ from typing import Any
 
 import torch._dynamo.utils
 from vllm.compilation.passes.inductor_pass import InductorPass
+from vllm.config import CompilationMode
 from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
@@ -56,7 +57,13 @@ class SteeringWorker(_platform_worker()):
         self.sae_spec = EngineSpec.from_config(self.vllm_config.additional_config)
         if self.sae_spec is None:
             raise ValueError("sae_compile.vllm: SteeringWorker needs additional_config['sae_compile']; build the engine with sae_compile.vllm.LLM.")
-        options = self.vllm_config.compilation_config.inductor_compile_config
+        compilation = self.vllm_config.compilation_config
+        if compilation.mode == CompilationMode.NONE:
+            raise ValueError(
+                "sae_compile.vllm steers inside vLLM's compiled graph, and this engine compiles nothing "
+                "(enforce_eager=True, or a LoRA engine on CPU)."
+            )
+        options = compilation.inductor_compile_config
         if _POST_PASS in options:
             raise ValueError(f"sae_compile.vllm: the engine already has a {_POST_PASS}; steering needs that slot.")
         self.sae_pass = VllmSteeringPass()
@@ -75,6 +82,12 @@ class SteeringWorker(_platform_worker()):
         _, layers = layer_stack(self.model_runner.model)
         self.sae_pass.bind(layers, hidden_size, self.sae_state.handles)
         BatchRouter(self.model_runner, self.sae_state)
+
+    def compile_or_warm_up_model(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().compile_or_warm_up_model(*args, **kwargs)
+        if self.sae_pass.graphs == 0:
+            raise RuntimeError("sae_compile.vllm: the engine compiled its model without running the steering pass.")
+        return result
 
     def _batch_limits(self) -> tuple[int, int]:
         """The most requests and tokens one forward holds (CUDA-graph padding included)."""

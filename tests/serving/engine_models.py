@@ -26,29 +26,40 @@ PROMPTS = (
 )
 
 
-def save_llama(folder: Path, seed: int = 0) -> Path:
-    """A random Llama (fp32 weights) and its tokenizer, written to ``folder``."""
-    config = transformers.LlamaConfig(
-        vocab_size=len(demo.WORDS),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=None,
+#: Architectures of the comparison tests: vLLM's CPU build runs each.
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+
+
+def _config(arch: str) -> transformers.PretrainedConfig:
+    common = dict(
+        vocab_size=len(demo.WORDS), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+        initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
         eos_token_id=None,  # every request generates exactly max_tokens
     )
+    if arch in ("gemma2", "gemma3"):
+        # Sliding layers with a window past every test sequence behave like full ones.
+        common |= dict(sliding_window=256, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh")
+    configs = {
+        "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config, "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
+    }
+    return configs[arch](**common)
+
+
+def save_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A random ``arch`` causal LM (fp32 weights) and its tokenizer, written to ``folder``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="eager")
     model.save_pretrained(folder)
     demo.build_tokenizer().save_pretrained(folder)
     return folder
+
+
+def save_llama(folder: Path, seed: int = 0) -> Path:
+    """The random Llama most tests use."""
+    return save_model(folder, "llama", seed)
 
 
 def site_saes() -> dict[str, sc.SAE]:
@@ -68,7 +79,7 @@ ADDITIVE_SITES = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post")
 
 def hf_reference(folder: Path, saes: dict[str, sc.SAE], dtype: torch.dtype = torch.float32) -> sc.SteeredModel:
     """``sc.steer`` of the same weights, as the reference for vLLM's outputs."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
     return sc.steer(model, saes, sites=ADDITIVE_SITES, backend="aot_eager")
 
 
