@@ -38,8 +38,11 @@ def _config(arch: str) -> transformers.PretrainedConfig:
         eos_token_id=None,  # every request generates exactly max_tokens
     )
     if arch in ("gemma2", "gemma3"):
-        # Sliding layers with a window past every test sequence behave like full ones.
-        common |= dict(sliding_window=256, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh")
+        # Sliding layers with a window past every test sequence behave like full ones; vLLM's
+        # Gemma ties the unembedding to the embedding.
+        common |= dict(
+            sliding_window=256, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True
+        )
     configs = {
         "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config, "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
