@@ -129,7 +129,8 @@ def read_checkpoint(
     ``hook_name``); Gemma Scope's path (``layer_{L}``; the release name or folder picks resid_post,
     mlp_out or ``attn.hook_z``; resid_post if neither says); sparsify's hookpoint folder
     (``layers.{L}`` → resid_post, ``layers.{L}.mlp`` → mlp_out, ``layers.{L}.self_attn`` →
-    attn_out); dictionary_learning's ``trainer.layer`` and ``submodule_name``. It is ``None``
+    attn_out); dictionary_learning's ``trainer.layer`` and ``submodule_name``; Goodfire's file name
+    (``...-SAE-l{L}.pth`` → resid_post). It is ``None``
     where the checkpoint does not say. Pass ``hook_name=`` to replace it, or ``layer=`` to keep
     its hook point and change only the layer.
 

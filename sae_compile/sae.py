@@ -19,6 +19,7 @@ import torch
 
 from .activations import ACTIVATIONS, Activation, activate_
 from .checkpoints import read_checkpoint, save_sae
+from .hub import HF_SCHEME, parse_hf_uri, read_hub_checkpoint
 
 
 class SAE:
@@ -128,14 +129,50 @@ class SAE:
         hook_name: str | None = None,
         layer: int | None = None,
     ) -> SAE:
-        """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning),
-        detecting its format; the options and errors are ``sae_compile.checkpoints.read_checkpoint``'s.
+        """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning,
+        Goodfire), detecting its format; the options and errors are
+        ``sae_compile.checkpoints.read_checkpoint``'s.
 
         ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
-        memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes.
+        memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes. A path
+        ``hf://OWNER/NAME[@REVISION]/PATH/IN/REPO`` is read from the Hugging Face Hub by
+        ``SAE.from_pretrained``.
         """
-        checkpoint = read_checkpoint(path, dtype=dtype, device=device, hook_name=hook_name, layer=layer)
-        return SAE(**checkpoint._asdict())
+        options = {"dtype": dtype, "device": device, "hook_name": hook_name, "layer": layer}
+        if isinstance(path, str) and path.startswith(HF_SCHEME):
+            repo_id, path_in_repo, revision = parse_hf_uri(path)
+            return SAE.from_pretrained(repo_id, path_in_repo, revision=revision, **options)
+        return SAE(**read_checkpoint(path, **options)._asdict())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        path_in_repo: str | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        hook_name: str | None = None,
+        layer: int | None = None,
+    ) -> SAE:
+        """Load the SAE in the folder (or weights file) ``path_in_repo`` of the Hugging Face Hub
+        model repository ``repo_id``, e.g. ``("google/gemma-scope-2b-pt-res",
+        "layer_20/width_16k/average_l0_71")``; ``None`` is the repository's top folder.
+
+        Only the files of that one SAE are downloaded (chosen from the folder's listing by the same
+        rule as ``SAE.load`` uses for a local folder), at ``revision`` (default: main), into
+        ``cache_dir`` (default: the Hugging Face cache). ``HF_HUB_OFFLINE=1`` loads from the cache
+        without network. The other options are ``SAE.load``'s. Needs ``huggingface_hub``
+        (``pip install "sae-compile[hub]"``; ``ImportError`` without it); errors are
+        ``sae_compile.hub.read_hub_checkpoint``'s and name the repo, the path and what was missing.
+        """
+        checkpoint = read_hub_checkpoint(
+            repo_id, path_in_repo, revision=revision, cache_dir=cache_dir,
+            dtype=dtype, device=device, hook_name=hook_name, layer=layer,
+        )
+        return cls(**checkpoint._asdict())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this SAE as a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""

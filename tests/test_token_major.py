@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import sae_compile.lowering.op  # noqa: F401 - registers torch.ops.sae_compile.steer
 from sae_compile import AddVector, Clamp, Reconstruct, Steering
+from sae_compile.lowering.kernels import torch_path
 from sae_compile.runtime.engine import EngineState, SiteShape, validate_steering
 from sae_compile.runtime.state import Capacity
 from tests.factories import assert_rel_close, random_sae
@@ -139,3 +140,17 @@ def test_front_end_validation_names_the_problem(steering, message):
     shapes = {SITE: SiteShape(D, F, CAPACITY)}
     with pytest.raises(ValueError, match=message):
         validate_steering(steering, shapes)
+
+
+def test_long_token_major_batches_steer_in_chunks(monkeypatch):
+    """A prefill longer than the sparse path's chunk gives the same tokens as one chunk would."""
+    monkeypatch.setattr(torch_path, "SPARSE_PATH_CHUNK", 3)
+    state, sae = ENGINES["jumprelu"]
+    steering = Steering(Clamp(SITE, 1, 3.0), Clamp(SITE, 5, 0.5, mode="scale"))
+    ids = [f"request-{next(_REQUEST_IDS)}" for _ in range(2)]
+    state.sync(ids, {ids[0]: (steering, 0), ids[1]: (None, 0)}.__getitem__)
+    state.route(ids, torch.tensor([7, 4]), torch.cat([torch.arange(7), torch.arange(4)]))
+    x = torch.randn(11, D)
+    out = torch.ops.sae_compile.steer(x, state.sites[SITE].handle)
+    assert_rel_close(out[:7], apply_steering_at_site(x[:7], SITE, steering, sae, torch.ones(7, dtype=torch.bool)), 1e-5)
+    assert torch.equal(out[7:], x[7:])

@@ -13,6 +13,12 @@ def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: 
     return torch.addcmul(x, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
 
 
+# Batch rows per sparse-delta step. The step gathers each row's ``C`` encoder and decoder rows
+# (``[B, C, D]`` each); a token-major forward is a batch of one-token rows, so a long prefill
+# would otherwise gather gigabytes.
+SPARSE_PATH_CHUNK = 256
+
+
 def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
     """``x + sum_c coef_c * sparse_dec[r, c]`` over the (pre-gathered) clamped features ``c``
     of each batch row's steering row ``r``.
@@ -20,8 +26,19 @@ def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site
     ``coef_c = shift_c + f_c * (mul_c - 1)`` with ``f_c = JumpReLU(x @ sparse_enc[r, c] + b_enc_c)``
     (SAELens's ``relu(pre) * (pre > threshold)``; a ReLU SAE's threshold is 0).
     Unused slots, rows that are not sparse delta rows (all-zero tables) and unsteered tokens
-    (``weight`` 0) get ``coef`` exactly 0, so those tokens come back unchanged.
+    (``weight`` 0) get ``coef`` exactly 0, so those tokens come back unchanged. Works through
+    ``SPARSE_PATH_CHUNK`` batch rows at a time.
     """
+    if x.shape[0] <= SPARSE_PATH_CHUNK:
+        return _sparse_delta_rows(x, rows, weight, site)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], SPARSE_PATH_CHUNK):
+        span = slice(start, start + SPARSE_PATH_CHUNK)
+        out[span] = _sparse_delta_rows(x[span], rows[span], weight[span], site)
+    return out
+
+
+def _sparse_delta_rows(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
     enc = site.sparse_enc.index_select(0, rows)  # [B, C, D]
     dec = site.sparse_dec.index_select(0, rows)  # [B, C, D]
     b_enc, threshold, mul_m1, shift = site.sparse_params.index_select(0, rows)[:, :, None, :].unbind(1)  # [B, 1, C] each
