@@ -58,6 +58,8 @@ def read_hub_checkpoint(
     check_read_options(dtype, hook_name, layer)
     hub = _import_hub()
     where = _Where(_check_repo_id(repo_id), _clean_path(path_in_repo), revision)
+    # Resolved once, so that the offline listing and the downloads read the same cache.
+    cache_dir = cache_dir or hub.constants.HF_HUB_CACHE
     names = _needed_files(hub, where, cache_dir)
     local = [_download(hub, where, name, cache_dir) for name in names]
     return read_checkpoint(local[0], dtype=dtype, device=device, hook_name=hook_name, layer=layer)
@@ -93,9 +95,12 @@ class _Where(NamedTuple):
 
 def _import_hub() -> ModuleType:
     try:
+        # The submodules used below, imported by name: the package loads them lazily.
         import huggingface_hub
+        import huggingface_hub.constants
         import huggingface_hub.file_download
         import huggingface_hub.hf_api
+        import huggingface_hub.utils
     except ImportError as e:
         raise ImportError(
             f"Loading SAEs from the Hugging Face Hub needs the huggingface_hub package ({e}). "
@@ -123,44 +128,44 @@ def _clean_path(path_in_repo: object) -> str:
     return path
 
 
-def _needed_files(hub: ModuleType, where: _Where, cache_dir: str | os.PathLike[str] | None) -> list[str]:
+def _needed_files(hub: ModuleType, where: _Where, cache_dir: str | os.PathLike[str]) -> list[str]:
     """Repo paths of the files to fetch, weights file first, decided from folder listings."""
     offline = hub.constants.HF_HUB_OFFLINE
     list_folder = _cached_lister(hub, where, cache_dir) if offline else _hub_lister(hub, where)
+    of = " of the cached snapshot (HF_HUB_OFFLINE is set)" if offline else ""
     if where.path:
         parent, _, name = where.path.rpartition("/")
         siblings = list_folder(parent)
         if name not in siblings:
             raise ValueError(
-                f"{where}: no file or folder {name!r} in folder {parent or '/'!r}"
-                f"{' of the cached snapshot (HF_HUB_OFFLINE is set)' if offline else ''}, which holds "
+                f"{where}: no file or folder {name!r} in folder {parent or '/'!r}{of}, which holds "
                 f"{sorted(siblings)[:20]}. Check the path."
             )
         if siblings[name]:  # the path names a file: it is the weights file
-            return _pick(where, parent, files_for_weights(name), siblings)
+            return _pick(where, parent, files_for_weights(name), siblings, of)
     entries = list_folder(where.path)
-    return _pick(where, where.path, checkpoint_files(_files(entries)), entries)
+    return _pick(where, where.path, checkpoint_files(_files(entries)), entries, of)
 
 
-def _pick(where: _Where, folder: str, chosen: list[str] | None, entries: Mapping[str, bool]) -> list[str]:
-    """``chosen`` as repo paths, checked to be files of ``folder``."""
+def _pick(where: _Where, folder: str, chosen: list[str] | None, entries: Mapping[str, bool], of: str) -> list[str]:
+    """``chosen`` as repo paths, checked to be files of ``folder`` (``of`` says where it was listed)."""
     if chosen is None:
         subfolders = sorted(name for name, is_file in entries.items() if not is_file)
         hint = f" Its subfolders are {subfolders[:10]}; pass one of them as the path." if subfolders else ""
         raise ValueError(
-            f"{where}: no SAE checkpoint in this folder (its files: {_files(entries)[:20]}). "
+            f"{where}: no SAE checkpoint in this folder{of} (its files: {_files(entries)[:20]}). "
             f"SAE.from_pretrained reads {LAYOUTS}.{hint}"
         )
     missing = [name for name in chosen[1:] if not entries.get(name)]
     if missing:
         raise ValueError(
-            f"{where}: the folder has {chosen[0]} but not {missing}, which that format needs next to its "
-            "weights to build the SAE. Check the path, or that the upload is complete."
+            f"{where}: the folder{of} has {chosen[0]} but not {missing}, which that format needs next to "
+            "its weights to build the SAE. Check the path, or that the upload (or download) is complete."
         )
     return [f"{folder}/{name}" if folder else name for name in chosen]
 
 
-def _download(hub: ModuleType, where: _Where, name: str, cache_dir: str | os.PathLike[str] | None) -> str:
+def _download(hub: ModuleType, where: _Where, name: str, cache_dir: str | os.PathLike[str]) -> str:
     with _hub_errors(where, f"file {name!r}", hub):
         return hub.hf_hub_download(where.repo_id, name, revision=where.revision, cache_dir=cache_dir)
 
@@ -189,13 +194,13 @@ def _hub_lister(hub: ModuleType, where: _Where) -> _Lister:
     return list_folder
 
 
-def _cached_lister(hub: ModuleType, where: _Where, cache_dir: str | os.PathLike[str] | None) -> _Lister:
+def _cached_lister(hub: ModuleType, where: _Where, cache_dir: str | os.PathLike[str]) -> _Lister:
     """Lists a folder of the cached snapshot of the revision (offline): ``{name: is_file}``.
 
     The snapshot is found by the cache layout the Hugging Face docs describe: ``refs/<revision>``
     holds the commit, ``snapshots/<commit>/`` its files (a commit hash names its snapshot directly).
     """
-    storage = Path(cache_dir or hub.constants.HF_HUB_CACHE) / hub.file_download.repo_folder_name(
+    storage = Path(cache_dir) / hub.file_download.repo_folder_name(
         repo_id=where.repo_id, repo_type="model"
     )
     revision = where.revision or "main"
