@@ -95,6 +95,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--script", type=Path, default=BENCH_SCRIPT, help=argparse.SUPPRESS)  # tests point it elsewhere
     bench.set_defaults(run=_bench)
 
+    _add_serve(commands)
+    return parser
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve MODEL with vLLM's OpenAI-compatible server, steered per request",
         usage="sae-compile serve MODEL [--sae SITE=PATH ...] [--site SITE ...] [-- VLLM_SERVE_ARGS ...]",
@@ -106,7 +111,6 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--site", action="append", default=[], metavar="SITE", help="attach SITE for AddVector only; repeatable")
     serve.add_argument("--max-clamps", type=int, default=16, help="clamped features per request and site (default: 16)")
     serve.set_defaults(run=_serve)
-    return parser
 
 
 def _parse_site_path(text: str) -> tuple[str, str]:
