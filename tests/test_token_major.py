@@ -24,7 +24,7 @@ from tests.reference import apply_steering_at_site, token_scope_mask
 
 SITE = "blocks.0.hook_resid_post"
 D, F = 16, 24
-CAPACITY = Capacity(max_rows=6, max_clamps=4, max_batch=6, max_tokens=64)
+CAPACITY = Capacity(max_rows=6, max_clamps=4, max_batch=6, max_tokens=64, with_call_rows=False)
 
 
 def _engine(activation: str, dtype: torch.dtype = torch.float32) -> tuple[EngineState, object]:
@@ -154,3 +154,9 @@ def test_long_token_major_batches_steer_in_chunks(monkeypatch):
     out = torch.ops.sae_compile.steer(x, state.sites[SITE].handle)
     assert_rel_close(out[:7], apply_steering_at_site(x[:7], SITE, steering, sae, torch.ones(7, dtype=torch.bool)), 1e-5)
     assert torch.equal(out[7:], x[7:])
+
+
+def test_an_engine_allocates_a_row_per_request_and_no_call_rows():
+    state, _ = ENGINES["relu"]
+    assert state.sites[SITE].sparse_enc.shape[0] == CAPACITY.max_rows + 1
+    assert Capacity(max_rows=6).table_rows == 13

@@ -36,12 +36,17 @@ NO_STEERING_ROW = 0
 
 @dataclass(frozen=True)
 class Capacity:
-    """Sizes the static state is allocated at; exceeding one is a ValueError, never a realloc."""
+    """Sizes the static state is allocated at; exceeding one is a ValueError, never a realloc.
+
+    ``with_call_rows`` says whether the tables hold rows for ``steering=`` on a call beside the slot
+    rows (``SteeredModel`` does; an engine, whose every request is a slot, does not).
+    """
 
     max_rows: int = 8
     max_clamps: int = 16
     max_batch: int = 32
     max_tokens: int = 16384
+    with_call_rows: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "max_clamps", "max_batch", "max_tokens"):
@@ -54,17 +59,17 @@ class Capacity:
     @property
     def table_rows(self) -> int:
         """Rows of every per-row table: the sentinel, then ``slot_rows``, then ``call_rows``."""
-        return 2 * self.max_rows + 1
+        return 1 + self.max_rows + len(self.call_rows)
 
     @property
     def slot_rows(self) -> range:
-        """Rows for requests admitted through ``SteeredModel.slots``."""
+        """Rows for requests admitted through ``SteeredModel.slots`` (or an engine's requests)."""
         return range(1, self.max_rows + 1)
 
     @property
     def call_rows(self) -> range:
         """Rows for ``steering=`` on a call, apart from the slots so a call never evicts a request."""
-        return range(self.max_rows + 1, 2 * self.max_rows + 1)
+        return range(self.max_rows + 1, (2 if self.with_call_rows else 1) * self.max_rows + 1)
 
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED = 1, 2, 3

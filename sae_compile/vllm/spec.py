@@ -31,7 +31,7 @@ class EngineSpec:
     max_clamps: int
 
     def capacity(self, max_rows: int, max_tokens: int) -> Capacity:
-        return Capacity(max_rows=max_rows, max_clamps=self.max_clamps, max_batch=max_rows, max_tokens=max_tokens)
+        return Capacity(max_rows, self.max_clamps, max_batch=max_rows, max_tokens=max_tokens, with_call_rows=False)
 
     def to_config(self) -> dict[str, Any]:
         """The JSON-able form carried in ``additional_config[CONFIG_KEY]``."""
