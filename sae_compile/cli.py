@@ -74,7 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="greedy generation with SAE steering")
     gen.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with its tokenizer)")
-    gen.add_argument("--sae", help="SAE checkpoint (SAELens, Gemma Scope, sparsify or dictionary_learning)")
+    gen.add_argument("--sae", help="SAE checkpoint: a local folder or file (SAELens, Gemma Scope, sparsify, "
+                     "dictionary_learning or Goodfire), hf://OWNER/NAME[@REV]/PATH on the Hugging Face Hub, "
+                     "or a SAELens release saelens://RELEASE/SAE_ID")
     gen.add_argument("--clamp", action="append", default=[], type=_parse_clamp, metavar="SITE:FEATURE=VALUE[:MODE]",
                      help="clamp an SAE feature; MODE is set (default), add or scale; repeatable")
     gen.add_argument("--add-vector", action="append", default=[], type=_parse_add_vector, metavar="SITE:FILE[:SCALE]",

@@ -20,6 +20,7 @@ import torch
 from .activations import ACTIVATIONS, Activation, activate_
 from .checkpoints import read_checkpoint, save_sae
 from .hub import HF_SCHEME, parse_hf_uri, read_hub_checkpoint
+from .releases import SAELENS_SCHEME, parse_release_uri, resolve_release
 
 
 class SAE:
@@ -136,12 +137,16 @@ class SAE:
         ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
         memory-mapped file); ``hook_name`` / ``layer`` override where the SAE goes. A path
         ``hf://OWNER/NAME[@REVISION]/PATH/IN/REPO`` is read from the Hugging Face Hub by
-        ``SAE.from_pretrained``.
+        ``SAE.from_pretrained``, and ``saelens://RELEASE/SAE_ID`` (a SAELens release name and SAE
+        id, e.g. ``saelens://gemma-scope-2b-pt-res-canonical/layer_20/width_16k/canonical``) by
+        ``SAE.from_release``.
         """
         options = {"dtype": dtype, "device": device, "hook_name": hook_name, "layer": layer}
         if isinstance(path, str) and path.startswith(HF_SCHEME):
             repo_id, path_in_repo, revision = parse_hf_uri(path)
             return SAE.from_pretrained(repo_id, path_in_repo, revision=revision, **options)
+        if isinstance(path, str) and path.startswith(SAELENS_SCHEME):
+            return SAE.from_release(*parse_release_uri(path), **options)
         return SAE(**read_checkpoint(path, **options)._asdict())
 
     @classmethod
@@ -173,6 +178,34 @@ class SAE:
             dtype=dtype, device=device, hook_name=hook_name, layer=layer,
         )
         return cls(**checkpoint._asdict())
+
+    @classmethod
+    def from_release(
+        cls,
+        release: str,
+        sae_id: str,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        hook_name: str | None = None,
+        layer: int | None = None,
+    ) -> SAE:
+        """Load SAE ``sae_id`` of the SAELens release ``release``, e.g.
+        ``("gemma-scope-2b-pt-res-canonical", "layer_20/width_16k/canonical")``.
+
+        The name resolves to a Hub repository and path as SAELens resolves it: with SAELens's own
+        directory when ``sae_lens`` is installed, else with ``sae_compile.releases.TABLE`` (the major
+        releases). The SAE is then loaded by ``SAE.from_pretrained`` with the other options, its
+        format detected from the folder's files. An unknown release or id is a ``ValueError``
+        naming it, with the closest known names.
+        """
+        repo_id, path_in_repo = resolve_release(release, sae_id)
+        return cls.from_pretrained(
+            repo_id, path_in_repo, revision=revision, cache_dir=cache_dir,
+            dtype=dtype, device=device, hook_name=hook_name, layer=layer,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this SAE as a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
