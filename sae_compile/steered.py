@@ -61,8 +61,8 @@ def steer(
     capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens)
     layout, available = discover_sites(model, fullgraph=fullgraph)
     attached = _attach(layout, available, _sae_by_site(saes), sites)
-    _check_widths(attached, layout.hidden_size)
-    routing, states, prefix = _allocate_state(model, layout, attached, capacity)
+    _check_widths(attached, available)
+    routing, states, prefix = _allocate_state(model, available, attached, capacity)
     handles = {site: state.handle for site, state in states.items()}
     inner = resolve_inner_backend(backend, mode, options)
     steering_backend = SteeringBackend(model, layout, handles, inner, on_graph, fullgraph) if attached else None
@@ -72,13 +72,14 @@ def steer(
 
 
 def _allocate_state(
-    model: nn.Module, layout: DecoderLayout, attached: dict[Site, SAE | None], capacity: Capacity
+    model: nn.Module, available: Sites, attached: dict[Site, SAE | None], capacity: Capacity
 ) -> tuple[RoutingState, dict[Site, SiteState], str]:
     """The routing and one registered state per attached site, under handles of their own."""
     param = next(model.parameters())
     digest = _handle_digest(model, attached, capacity, param)
     named = {site.name: sae for site, sae in attached.items()}
-    routing, by_name, prefix = allocate_sites(named, layout.hidden_size, capacity, param.dtype, param.device, digest)
+    widths = {site.name: available[site][-1] for site in attached}
+    routing, by_name, prefix = allocate_sites(named, widths, capacity, param.dtype, param.device, digest)
     return routing, {site: by_name[site.name] for site in attached}, prefix
 
 
@@ -122,12 +123,13 @@ def _attach(layout: DecoderLayout, available: Sites, saes: list[tuple[str, SAE]]
     return attached
 
 
-def _check_widths(attached: dict[Site, SAE | None], hidden_size: int) -> None:
+def _check_widths(attached: dict[Site, SAE | None], available: Sites) -> None:
     for site, sae in attached.items():
-        if sae is not None and sae.d_in != hidden_size:
+        width = available[site][-1]
+        if sae is not None and sae.d_in != width:
             raise ValueError(
-                f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the model's hidden size is "
-                f"{hidden_size}. It was trained on a different model or site."
+                f"steer(): the SAE for {site.name} has d_in={sae.d_in} but the tensor at that site is "
+                f"{width} wide. It was trained on a different model or site."
             )
 
 
@@ -420,7 +422,7 @@ class SteeredModel:
 
     def _warmup_steerings(self) -> list[Steering]:
         sae_sites = [name for name, state in self._by_name.items() if state.d_sae > 0]
-        additive = [AddVector(name, torch.zeros(state.hidden_size)) for name, state in self._by_name.items()]
+        additive = [AddVector(name, torch.zeros(state.width)) for name, state in self._by_name.items()]
         steerings = [Steering(*additive, *(Clamp(name, 0, 0.0, "add") for name in sae_sites))] if additive else []
         if sae_sites:
             steerings.append(Steering(*(Reconstruct(name) for name in sae_sites)))

@@ -134,7 +134,7 @@ def test_bad_steer_arguments() -> None:
         sc.steer(model, {"blocks.0.hook_resid_mid": sae}, backend="aot_eager")
     with pytest.raises(ValueError, match=r"Unknown site 'layers\.0'.*Available sites: blocks\.0\.hook_resid_pre, blocks\.0\.hook_attn_out"):
         sc.steer(model, {"layers.0": sae}, backend="aot_eager")
-    with pytest.raises(ValueError, match=f"d_in=8 but the model's hidden size is {d}"):
+    with pytest.raises(ValueError, match=f"d_in=8 but the tensor at that site is {d} wide"):
         sc.steer(model, {"blocks.0.hook_resid_post": random_sae(8, 16)}, backend="aot_eager")
     with pytest.raises(ValueError, match="hook_name"):
         sc.steer(model, [sae], backend="aot_eager")

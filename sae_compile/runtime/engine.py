@@ -29,7 +29,7 @@ from .state import Capacity, RoutingState, SiteState, allocate_sites
 class SiteShape:
     """What validating a steering needs to know of an attached site (see ``staging.stage_row``)."""
 
-    hidden_size: int
+    width: int
     d_sae: int  # 0: attached for additive steering only
     capacity: Capacity
 
@@ -66,7 +66,7 @@ class EngineState:
     ) -> None:
         self.routing: RoutingState
         self.sites: dict[str, SiteState]
-        self.routing, self.sites, _ = allocate_sites(saes, hidden_size, capacity, dtype, device, digest)
+        self.routing, self.sites, _ = allocate_sites(saes, dict.fromkeys(saes, hidden_size), capacity, dtype, device, digest)
         self.requests = SlotManager(self.sites, self.routing, attached_resolver(list(saes)), capacity.slot_rows)
         self._batch: tuple[str, ...] = ()
 

@@ -80,10 +80,10 @@ def stage_row(steering: Steering, sites: dict[str, SiteState], resolve: Callable
 
 
 def _stage_add(draft: _Draft, name: str, edit: AddVector, state: SiteState) -> None:
-    if edit.vector.shape[0] != state.hidden_size:
+    if edit.vector.shape[0] != state.width:
         raise ValueError(
-            f"AddVector at {edit.site!r}: vector has length {edit.vector.shape[0]} but the residual "
-            f"stream there has d_model={state.hidden_size}."
+            f"AddVector at {edit.site!r}: vector has length {edit.vector.shape[0]} but the tensor "
+            f"there is {state.width} wide."
         )
     # Sum in fp64 on the host so several vectors at one site round once, not per add.
     vec = edit.scale * edit.vector.detach().to("cpu", torch.float64)  # [D]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -303,7 +303,7 @@ class SiteState:
     buffers below, in the model's dtype, so attaching an SAE the caller then drops costs one
     copy of it.
 
-    SAE buffers (``F`` features, ``D`` = hidden size, model dtype):
+    SAE buffers (``F`` features, ``D`` = the site's width, model dtype):
       ``W_enc [D, F]`` (the SAE's own layout, the fast one for a dense encode on CPU),
       ``b_enc [F]`` (with ``-b_dec @ W_enc`` folded in when the SAE subtracts b_dec from its
       input), ``threshold [F]`` (0 for ReLU), ``W_dec [F, D]``, ``b_dec [D]``.
@@ -321,7 +321,7 @@ class SiteState:
     def __init__(
         self,
         name: str,
-        hidden_size: int,
+        width: int,
         sae: SAE | None,
         capacity: Capacity,
         routing: RoutingState,
@@ -329,7 +329,7 @@ class SiteState:
         device: torch.device,
     ) -> None:
         self.name = name
-        self.hidden_size = hidden_size
+        self.width = width
         self.capacity = capacity
         self.routing = routing
         self.has_sae = sae is not None
@@ -351,7 +351,7 @@ class SiteState:
             self._load_sae(sae)
 
     def _allocate(self, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        rows, clamps, d = self.capacity.table_rows, self.capacity.max_clamps, self.hidden_size
+        rows, clamps, d = self.capacity.table_rows, self.capacity.max_clamps, self.width
 
         def zeros(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
@@ -410,7 +410,7 @@ class SiteState:
         mul[:n] = torch.tensor(edits.mul, dtype=torch.float32)
         shift[:n] = torch.tensor(edits.shift, dtype=torch.float32)
         with torch.no_grad():
-            self.add_vec[row].copy_(edits.add if edits.add is not None else torch.zeros(self.hidden_size))
+            self.add_vec[row].copy_(edits.add if edits.add is not None else torch.zeros(self.width))
             self.clamp_idx[row].copy_(idx)
             self.clamp_mul[row].copy_(mul if full else torch.ones_like(mul))
             self.clamp_shift[row].copy_(shift if full else torch.zeros_like(shift))
@@ -481,8 +481,8 @@ class SiteState:
                 f"load_sae: {self.name} was attached for additive steering only, so it has no SAE buffers. "
                 "Attaching an SAE there needs sc.steer() again (one recompile)."
             )
-        if sae.d_in != self.hidden_size:
-            raise ValueError(f"load_sae: the SAE has d_in={sae.d_in} but {self.name} has d_model={self.hidden_size}.")
+        if sae.d_in != self.width:
+            raise ValueError(f"load_sae: the SAE has d_in={sae.d_in} but {self.name} is {self.width} wide.")
         capacity = self.W_enc.shape[1]
         if sae.d_sae > capacity:
             raise ValueError(
@@ -603,17 +603,20 @@ def live_handles() -> list[str]:
 
 def allocate_sites(
     saes: dict[str, SAE | None],
-    hidden_size: int,
+    widths: Mapping[str, int],
     capacity: Capacity,
     dtype: torch.dtype,
     device: torch.device,
     digest: str,
 ) -> tuple[RoutingState, dict[str, SiteState], str]:
     """One routing and one registered state per named site (``None``: additive steering only),
-    under handles ``{prefix}:{name}`` with a prefix claimed for ``digest``; returns the prefix too."""
+    ``widths[name]`` wide, under handles ``{prefix}:{name}`` with a prefix claimed for
+    ``digest``; returns the prefix too."""
     routing = RoutingState(capacity, dtype, device)
     prefix = claim_handle_prefix(digest, routing)
-    states = {name: SiteState(name, hidden_size, sae, capacity, routing, dtype, device) for name, sae in saes.items()}
+    states = {
+        name: SiteState(name, widths[name], sae, capacity, routing, dtype, device) for name, sae in saes.items()
+    }
     for name, state in states.items():
         register_site(f"{prefix}:{name}", state)
     return routing, states, prefix
