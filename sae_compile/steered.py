@@ -46,8 +46,9 @@ def steer(
     ``saes`` attaches an SAE per site: ``{site: SAE}``, or one SAE or a list of SAEs placed
     at their ``hook_name``. ``sites`` attaches further sites for additive steering
     (``AddVector``) only. Site names are TransformerLens hook names
-    (``blocks.3.hook_resid_post``) or HF module paths (``model.layers.3`` = resid_post,
-    ``.self_attn`` = attn_out, ``.mlp`` = mlp_out).
+    (``blocks.3.hook_resid_post``, ``blocks.3.attn.hook_z``, ``blocks.3.hook_mlp_in``) or HF
+    module paths (``model.layers.3`` = resid_post, ``.self_attn`` = attn_out, ``.mlp`` =
+    mlp_out). An SAE's ``d_in`` must equal the width of its site's tensor.
 
     ``backend``, ``mode``, ``options``, ``dynamic`` and ``fullgraph`` mean what they mean
     to ``torch.compile``; with ``fullgraph=False`` the sites may sit in different graph
@@ -276,7 +277,7 @@ class SteeredModel:
         return self._routing.token_weight.dtype
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each exposed site's tensor shape on a 1x2-token probe (``[1, 2, d_model]``)."""
+        """Each exposed site's tensor shape on a 1x2-token probe (``[1, 2, width]``)."""
         return {site.name: shape for site, shape in sorted(self._available.items())}
 
     def steering_state(self) -> dict[str, torch.Tensor]:

@@ -106,8 +106,12 @@ def make_model(
     hidden: int = 32,
     vocab: int = 97,
     attn_implementation: str | None = None,
+    head_dim: int | None = None,
 ) -> transformers.PreTrainedModel:
     """A tiny random ``arch`` causal LM in eval mode, deterministic in ``seed``.
+
+    ``head_dim`` (RoPE architectures except Phi-3) defaults to ``hidden // NUM_HEADS``; another
+    value makes ``attn.hook_z`` (``NUM_HEADS * head_dim`` wide) differ from the hidden size.
 
     The weights are drawn in fp32 and then cast, so the same seed gives the same (rounded)
     weights in every ``dtype``. ``attn_implementation`` defaults to ``"sdpa"``, except for
@@ -119,6 +123,10 @@ def make_model(
     if hidden % NUM_HEADS:
         raise ValueError(f"hidden={hidden} must be divisible by {NUM_HEADS} heads")
     config = _config(arch, num_layers=num_layers, hidden=hidden, vocab=vocab)
+    if head_dim is not None:
+        if arch in ("gpt2", "gpt_neox", "gpt_neox_seq", "phi3"):
+            raise ValueError(f"{arch} derives its head_dim from the hidden size")
+        config.head_dim = head_dim
     if attn_implementation is None:
         attn_implementation = "eager" if arch == "gemma2" else "sdpa"
     with torch.random.fork_rng(devices=[]):  # don't disturb the caller's global RNG stream
@@ -194,6 +202,30 @@ def mlp_branch_module(model: nn.Module, layer: int) -> nn.Module:
     return getattr(layer_module(model, layer), _BRANCHES[arch_of(model)][1])
 
 
+# Per arch: the attention's output projection, as a path below the decoder layer. Its INPUT
+# is attn.hook_z (the heads concatenated).
+_OUT_PROJECTIONS: dict[str, str] = {
+    "gpt2": "attn.c_proj",
+    "llama": "self_attn.o_proj",
+    "mistral": "self_attn.o_proj",
+    "qwen2": "self_attn.o_proj",
+    "gemma2": "self_attn.o_proj",
+    "gpt_neox": "attention.dense",
+    "gpt_neox_seq": "attention.dense",
+    "phi3": "self_attn.o_proj",
+}
+
+
+def attn_out_projection(model: nn.Module, layer: int) -> nn.Module:
+    """The module whose input is ``attn.hook_z`` of ``layer``."""
+    return layer_module(model, layer).get_submodule(_OUT_PROJECTIONS[arch_of(model)])
+
+
+def mlp_module(model: nn.Module, layer: int) -> nn.Module:
+    """The MLP itself (every arch here calls it ``mlp``): its input is ``hook_mlp_in``."""
+    return layer_module(model, layer).mlp
+
+
 def has_resid_mid(arch_or_model: str | nn.Module) -> bool:
     """Whether the architecture has a ``resid_mid`` (False for parallel attention + MLP)."""
     arch = arch_or_model if isinstance(arch_or_model, str) else arch_of(arch_or_model)
@@ -204,7 +236,10 @@ def has_resid_mid(arch_or_model: str | nn.Module) -> bool:
 
 def site_names(model: nn.Module) -> list[str]:
     """Every TransformerLens site name this model exposes, in forward order."""
-    kinds = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"]
+    kinds = [
+        "hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out",
+        "hook_resid_post",
+    ]
     if not has_resid_mid(model):
         kinds.remove("hook_resid_mid")
     return [f"blocks.{layer}.{kind}" for layer in range(num_layers(model)) for kind in kinds]

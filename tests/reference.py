@@ -45,8 +45,16 @@ Edit = Clamp | AddVector | Reconstruct
 #: row; or a list with one Steering-or-None per batch row.
 SteeringArg = Steering | Sequence[Edit] | Sequence[Steering | None] | None
 
+#: The residual-stream kinds, in forward order. The two sites inside the branches,
+#: ``blocks.L.attn.hook_z`` and ``blocks.L.hook_mlp_in``, are kinds "z" and "mlp_in".
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
-_SITE_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
+_SITE_RE = re.compile(r"^blocks\.(\d+)\.(?:attn\.hook_(z)|hook_(resid_pre|attn_out|resid_mid|mlp_in|mlp_out|resid_post))$")
+
+
+def _parse_site(site: str) -> tuple[int, str] | None:
+    """``(layer, kind)`` of a canonical site name, or None."""
+    m = _SITE_RE.match(site)
+    return None if m is None else (int(m.group(1)), m.group(2) or m.group(3))
 
 
 # --------------------------------------------------------------------------------------
@@ -213,8 +221,8 @@ def canonical_site(model: nn.Module, site: str) -> str:
     Raises ValueError for an unknown site or a resid_mid the architecture lacks.
     """
     n_layers = _models.num_layers(model)
-    m = _SITE_RE.match(site)
-    if m is None:
+    parsed = _parse_site(site)
+    if parsed is None:
         modules = dict(model.named_modules())
         mod = modules.get(site)
         canon = None
@@ -230,7 +238,7 @@ def canonical_site(model: nn.Module, site: str) -> str:
         if canon is None:
             raise ValueError(f"reference: unknown site {site!r}; sites are {_models.site_names(model)}")
         return canon
-    layer, kind = int(m.group(1)), m.group(2)
+    layer, kind = parsed
     if not 0 <= layer < n_layers:
         raise ValueError(f"reference: site {site!r} names layer {layer}, the model has {n_layers}")
     if kind == "resid_mid" and not _models.has_resid_mid(model):
@@ -343,6 +351,7 @@ def steering_hooks(
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for layer in range(_models.num_layers(model)):
+            handles += _branch_input_hooks(model, layer, plans, saes)
             pre, attn, mid, mlp, post = (site(layer, k) for k in SITE_KINDS)
             if not any(s in plans for s in (pre, attn, mid, mlp, post)):
                 continue
@@ -409,20 +418,44 @@ def steering_hooks(
             h.remove()
 
 
+def _branch_input_hooks(
+    model: nn.Module, layer: int, plans: dict[str, list[_RowPlan]], saes: dict[str, SAE]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Pre-hooks steering ``attn.hook_z`` (the output projection's input) and ``hook_mlp_in``
+    (the MLP's input) of ``layer``, where any row edits them."""
+    handles = []
+    for site, module in (
+        (f"blocks.{layer}.attn.hook_z", _models.attn_out_projection(model, layer)),
+        (f"blocks.{layer}.hook_mlp_in", _models.mlp_module(model, layer)),
+    ):
+        if site in plans:
+
+            def steer_input(module, args, *, site=site):
+                return (_steer_batch(args[0], site, plans[site], saes.get(site)), *args[1:])
+
+            handles.append(module.register_forward_pre_hook(steer_input))
+    return handles
+
+
 def site_activations(model: nn.Module, input_ids: torch.Tensor, site: str) -> torch.Tensor:
     """``[B, S, D]``: the tensor at ``site`` in one unsteered forward (what an SAE there encodes)."""
-    layer, kind = _SITE_RE.match(canonical_site(model, site)).groups()
-    block = _models.layer_module(model, int(layer))
+    layer, kind = _parse_site(canonical_site(model, site))
+    block = _models.layer_module(model, layer)
     seen: dict[str, torch.Tensor] = {}
 
     def record(kind: str):
         return lambda module, args, out: seen.__setitem__(kind, _output_tensor(out))
 
+    def record_input(kind: str):
+        return lambda module, args: seen.__setitem__(kind, args[0])
+
     handles = [
         block.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__("resid_pre", _layer_input(args, kwargs)),
                                         with_kwargs=True),
-        _models.attn_branch_module(model, int(layer)).register_forward_hook(record("attn_out")),
-        _models.mlp_branch_module(model, int(layer)).register_forward_hook(record("mlp_out")),
+        _models.attn_out_projection(model, layer).register_forward_pre_hook(record_input("z")),
+        _models.attn_branch_module(model, layer).register_forward_hook(record("attn_out")),
+        _models.mlp_module(model, layer).register_forward_pre_hook(record_input("mlp_in")),
+        _models.mlp_branch_module(model, layer).register_forward_hook(record("mlp_out")),
         block.register_forward_hook(record("resid_post")),
     ]
     try:

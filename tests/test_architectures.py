@@ -15,8 +15,10 @@ LAYER = 1
 # A different SAE flavour at each hook, so every activation meets every hook type somewhere.
 FLAVOURS = {
     "hook_resid_pre": dict(activation="relu"),
+    "attn.hook_z": dict(activation="jumprelu", apply_b_dec_to_input=True),
     "hook_attn_out": dict(activation="topk", k=6),
     "hook_resid_mid": dict(activation="jumprelu", apply_b_dec_to_input=True),
+    "hook_mlp_in": dict(activation="topk", k=5),
     "hook_mlp_out": dict(activation="relu", apply_b_dec_to_input=True),
     "hook_resid_post": dict(activation="jumprelu"),
 }

@@ -132,7 +132,7 @@ def test_bad_steer_arguments() -> None:
     sae = random_sae(d, 16, seed=0)
     with pytest.raises(ValueError, match="no resid_mid"):
         sc.steer(model, {"blocks.0.hook_resid_mid": sae}, backend="aot_eager")
-    with pytest.raises(ValueError, match=r"Unknown site 'layers\.0'.*Available sites: blocks\.0\.hook_resid_pre, blocks\.0\.hook_attn_out"):
+    with pytest.raises(ValueError, match=r"Unknown site 'layers\.0'.*Available sites: blocks\.0\.hook_resid_pre, blocks\.0\.attn\.hook_z, blocks\.0\.hook_attn_out"):
         sc.steer(model, {"layers.0": sae}, backend="aot_eager")
     with pytest.raises(ValueError, match=f"d_in=8 but the tensor at that site is {d} wide"):
         sc.steer(model, {"blocks.0.hook_resid_post": random_sae(8, 16)}, backend="aot_eager")

@@ -185,8 +185,8 @@ def test_sites_lists_every_hook_with_its_shape(slow_runs: dict[str, subprocess.P
     result = finish(slow_runs["sites"])
     assert result.returncode == 0, result.stderr
     rows = [line.split(None, 1) for line in result.stdout.splitlines()[1:]]
-    hooks = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
-    assert [site for site, _ in rows] == [f"blocks.{layer}.hook_{hook}" for layer in range(2) for hook in hooks]
+    hooks = ["hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_resid_post"]
+    assert [site for site, _ in rows] == [f"blocks.{layer}.{hook}" for layer in range(2) for hook in hooks]
     assert {shape for _, shape in rows} == {"[1, 2, 64]"}
 
 

@@ -21,7 +21,9 @@ HIDDEN = 32
 LAYERS = 2
 ATTN_OUT = "blocks.0.hook_attn_out"
 MLP_OUT = "blocks.0.hook_mlp_out"
-HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+HOOKS = (
+    "hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_resid_post",
+)
 
 
 @pytest.fixture(scope="module")

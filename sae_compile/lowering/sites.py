@@ -15,6 +15,10 @@ from a value produced outside the layer (resid_pre) and ending at the value the 
 hands on (resid_post). Each non-chain operand of a chain add is a branch contribution,
 classified by the branch modules it was computed in: attention (attn_out), MLP (mlp_out),
 or both at once (a parallel attention+MLP block, which has no resid_mid).
+
+Two sites sit inside the branches, found from the branch outputs: ``attn.hook_z`` is the
+input of the attention's output projection (the heads concatenated, ``[B, S, H * d_head]``),
+and ``hook_mlp_in`` the input the MLP module receives (after its pre-MLP norm).
 """
 
 from __future__ import annotations
@@ -33,14 +37,23 @@ class SiteKind(enum.IntEnum):
     """Hook kinds, valued in forward order within a layer."""
 
     RESID_PRE = 0
-    ATTN_OUT = 1
-    RESID_MID = 2
-    MLP_OUT = 3
-    RESID_POST = 4
+    ATTN_Z = 1
+    ATTN_OUT = 2
+    RESID_MID = 3
+    MLP_IN = 4
+    MLP_OUT = 5
+    RESID_POST = 6
 
     @property
     def hook(self) -> str:
-        return "hook_" + self.name.lower()
+        """The TransformerLens hook name within ``blocks.{L}``."""
+        return "attn.hook_z" if self is SiteKind.ATTN_Z else "hook_" + self.name.lower()
+
+    @property
+    def on_residual_stream(self) -> bool:
+        """Whether the site's tensor is the residual stream or a branch's contribution to it
+        (``hidden_size`` wide), rather than a tensor inside a branch."""
+        return self not in (SiteKind.ATTN_Z, SiteKind.MLP_IN)
 
 
 @dataclass(frozen=True, order=True)
@@ -56,12 +69,19 @@ class Site:
 
     @classmethod
     def parse(cls, name: str) -> Site | None:
-        """The site a TransformerLens hook name ``blocks.{L}.hook_{kind}`` names (``None``: not one)."""
-        match = _CANONICAL.match(name)
-        return None if match is None else cls(int(match.group(1)), SiteKind[match.group(2).upper()])
+        """The site a TransformerLens hook name ``blocks.{L}.{hook}`` names (``None``: not one).
+
+        ``blocks.{L}.ln2.hook_normalized`` (TransformerLens's normalised MLP input) means
+        ``hook_mlp_in``, which here *is* the normalised MLP input; TransformerLens's own
+        ``hook_mlp_in`` is a copy of resid_mid taken before the norm.
+        """
+        match = _BLOCK_HOOK.match(name)
+        kind = None if match is None else _HOOKS.get(match.group(2))
+        return None if kind is None else cls(int(match.group(1)), kind)
 
 
-_CANONICAL = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post)$")
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_HOOKS = {kind.hook: kind for kind in SiteKind} | {"ln2.hook_normalized": SiteKind.MLP_IN}
 # Name heuristics for the branch children (see ``_branch_children``): HF has no common
 # base class or attribute name for a layer's attention and MLP modules.
 _ATTENTION_NAMES = ("attention", "attn")
@@ -201,14 +221,16 @@ def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) ->
     """
     modules = dict(model.named_modules())
     scope_of = {str(id(m)): id(m) for m in modules.values()}
-    scopes = {node: _module_ids(node, scope_of) for node in graph.nodes}
+    scopes = {node: _module_ids(node, scope_of) for node in graph.nodes}  # in graph order
     found: dict[Site, SiteNode] = {}
     for layer_idx, layer in enumerate(layout.layers):
         branch_ids = {
             "attn": _subtree_ids(modules, layout.attn_paths[layer_idx]),
             "mlp": _subtree_ids(modules, layout.mlp_paths[layer_idx]),
         }
-        found.update(_layer_sites(scopes, layer_idx, id(layer), branch_ids, layout.hidden_size))
+        sites = _layer_sites(scopes, layer_idx, id(layer), branch_ids, layout.hidden_size)
+        projections = _projection_ids(modules, layout.attn_paths[layer_idx])
+        found.update(sites | _branch_input_sites(scopes, layer_idx, sites, branch_ids["mlp"], projections))
     return found
 
 
@@ -218,19 +240,29 @@ def _subtree_ids(modules: dict[str, nn.Module], path: str | None) -> frozenset[i
     return frozenset(id(m) for m in modules[path].modules())
 
 
+def _projection_ids(modules: dict[str, nn.Module], attn_path: str | None) -> frozenset[int]:
+    """The attention's weight-matrix leaves (``nn.Linear``, GPT-2's ``Conv1D``): its projections."""
+    if attn_path is None:
+        return frozenset()
+    return frozenset(
+        id(m) for m in modules[attn_path].modules()
+        if next(m.children(), None) is None and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    )
+
+
 def _module_ids(node: fx.Node, scope_of: dict[str, int]) -> frozenset[int]:
     stack = node.meta.get("nn_module_stack") or {}
     return frozenset(scope_of[key] for key in stack if key in scope_of)
 
 
-def _is_residual_tensor(node: fx.Node, hidden_size: int) -> bool:
+def _is_activation(node: fx.Node) -> bool:
+    """A floating ``[B, S, width]`` tensor."""
     value = node.meta.get("example_value")
-    return (
-        isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and value.dim() == 3
-        and value.shape[-1] == hidden_size
-    )
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
+
+
+def _is_residual_tensor(node: fx.Node, hidden_size: int) -> bool:
+    return _is_activation(node) and node.meta["example_value"].shape[-1] == hidden_size
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -405,3 +437,59 @@ def _split_parallel(
     if labels == ["mlp", "attn"]:
         return operands[1], operands[0]
     return None
+
+
+def _branch_input_sites(
+    scopes: dict[fx.Node, frozenset[int]],
+    layer_idx: int,
+    sites: dict[Site, SiteNode],
+    mlp_ids: frozenset[int],
+    projections: frozenset[int],
+) -> dict[Site, SiteNode]:
+    """attn.hook_z and hook_mlp_in of a layer whose attn_out / mlp_out were found. Each is read
+    only by the module it feeds, so other readers of the same value keep the unsteered one."""
+    found = {}
+    attn_out = sites.get(Site(layer_idx, SiteKind.ATTN_OUT))
+    if attn_out is not None:
+        out_projection = _last_projection(attn_out.node, scopes, projections)
+        z = None if out_projection is None else _module_input(scopes, frozenset({out_projection}))
+        if z is not None:
+            found[Site(layer_idx, SiteKind.ATTN_Z)] = z
+    mlp_in = _module_input(scopes, mlp_ids) if Site(layer_idx, SiteKind.MLP_OUT) in sites else None
+    if mlp_in is not None:
+        found[Site(layer_idx, SiteKind.MLP_IN)] = mlp_in
+    return found
+
+
+def _last_projection(attn_out: fx.Node, scopes: dict[fx.Node, frozenset[int]], projections: frozenset[int]) -> int | None:
+    """The projection that ran last before ``attn_out`` (the output projection), by module id."""
+    ancestors = _ancestors(attn_out)
+    for node in reversed(scopes):  # graph order, latest first
+        if node in ancestors and scopes[node] & projections:
+            (projection,) = scopes[node] & projections
+            return projection
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return seen
+
+
+def _module_input(scopes: dict[fx.Node, frozenset[int]], module_ids: frozenset[int]) -> SiteNode | None:
+    """The one activation the module(s) ``module_ids`` read from outside themselves, as a site
+    read only by them; None if there is not exactly one."""
+    inside = [node for node, ids in scopes.items() if ids & module_ids]
+    inputs = {
+        source for node in inside for source in node.all_input_nodes
+        if not scopes.get(source, frozenset()) & module_ids and _is_activation(source)
+    }
+    if len(inputs) != 1:
+        return None
+    (source,) = inputs
+    return SiteNode(source, frozenset(user for user in source.users if scopes[user] & module_ids))

@@ -99,6 +99,11 @@ def front_end_shapes(saes: Mapping[str, SAE], additive: Sequence[str], text_conf
     shapes = {}
     for name in [*additive, *saes]:
         site = Site.parse(name) if isinstance(name, str) else None
+        if site is not None and not site.kind.on_residual_stream:
+            raise ValueError(
+                f"Site {name!r} is inside a branch; under vLLM only the residual stream and the branch outputs "
+                "can be steered so far (blocks.L.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post))."
+            )
         if site is None or site.layer >= layers:
             raise ValueError(
                 f"Unknown site {name!r}: sites are blocks.L.hook_(resid_pre|attn_out|resid_mid|mlp_out|resid_post) "

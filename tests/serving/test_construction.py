@@ -27,6 +27,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory):
     [
         ({"blocks.7.hook_resid_post": random_sae(HIDDEN, 8)}, {}, "Unknown site"),
         ({"model.layers.0": random_sae(HIDDEN, 8)}, {}, "Unknown site"),
+        ({"blocks.0.attn.hook_z": random_sae(HIDDEN, 8)}, {}, "inside a branch"),
         ({"blocks.0.hook_resid_post": random_sae(HIDDEN + 1, 8)}, {}, "d_in"),
         ({"blocks.0.hook_resid_post": 3}, {}, "must be an SAE or the path"),
         ({}, {"max_rows": 2, "max_num_seqs": 4}, "max_rows=2 is less than max_num_seqs=4"),
