@@ -3,7 +3,8 @@
 One definition for every torch caller (``SAE.encode`` and the torch steering path), so
 they fire the same features. JumpReLU follows SAELens, ``relu(pre) * (pre > threshold)``,
 for thresholds of either sign; TopK keeps the ``k`` largest of ``relu(pre)``, lower
-indices winning ties. This module imports only torch.
+indices winning ties. ``layer_norm`` is the input normalisation of OpenAI's TopK autoencoders,
+``sc.SAE(..., layer_norm_input=True)``. This module imports only torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ import torch
 
 Activation = Literal["relu", "jumprelu", "topk"]
 ACTIVATIONS: tuple[str, ...] = ("relu", "jumprelu", "topk")
+#: The epsilon of ``layer_norm``, as in OpenAI's ``sparse_autoencoder/model.py`` (and SAELens's "layer_norm").
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_n, mu, std)`` for ``x [..., D]``, OpenAI's ``LN`` (``sparse_autoencoder/model.py``):
+    ``mu`` the mean over the last dim, ``std`` torch's default (unbiased, ``D - 1``) standard deviation
+    of ``x - mu``, and ``x_n = (x - mu) / (std + eps)``. ``mu`` and ``std`` are ``[..., 1]``; undoing
+    the normalisation is ``x_n * std + mu``, with ``std`` and not ``std + eps``, as their decode does."""
+    mu = x.mean(dim=-1, keepdim=True)  # [..., 1]
+    centred = x - mu  # [..., D]
+    std = centred.std(dim=-1, keepdim=True)  # [..., 1]
+    return centred / (std + LAYER_NORM_EPS), mu, std
 
 
 def activate_(

@@ -1,6 +1,6 @@
 """Read SAE checkpoints from the public releases and write them in the SAELens layout (DESIGN §6).
 
-``read_checkpoint(path)`` (behind ``sc.SAE.load`` and ``sae_compile.sae.load_sae``) recognises five
+``read_checkpoint(path)`` (behind ``sc.SAE.load`` and ``sae_compile.sae.load_sae``) recognises seven
 layouts without importing the library that wrote them:
 
 ==========================  ===========================================================
@@ -13,6 +13,10 @@ format                      files
 ``dictionary_learning``     ``ae.pt`` + ``config.json``
 ``goodfire``                one ``.pth`` (or ``.pt``) state dict with ``encoder_linear.*``
                             and ``decoder_linear.*`` (Goodfire's Llama 3 SAEs)
+``openai``                  one ``{layer}.pt`` state dict with ``encoder.weight``,
+                            ``decoder.weight``, ``pre_bias``, ``latent_bias`` (OpenAI's GPT-2
+                            small autoencoders)
+``llama_scope``             ``hyperparams.json`` + ``checkpoints/final.safetensors`` (Llama Scope)
 ==========================  ===========================================================
 
 A folder is recognised by its file names (``checkpoint_files``, which ``sae_compile.hub`` also
@@ -20,9 +24,11 @@ applies to a Hub folder's listing, so that only those files are downloaded); a `
 file other than ``ae.pt`` by the keys it holds.
 
 Each loader reproduces the encode/decode of the library that wrote the file, as DESIGN §4 math
-(``pre = (x - b_dec?) @ W_enc + b_enc``, ``f = act(pre)``, ``x_hat = f @ W_dec + b_dec``). What a
-format can express but §4 cannot (normalisation, gating, transcoders, skip connections) is rejected
-with a ``ValueError`` rather than approximated. Every malformed-file error names the file and
+(``pre = (x - b_dec?) @ W_enc + b_enc``, ``f = act(pre)``, ``x_hat = f @ W_dec + b_dec``), plus the
+per-token layer normalisation of OpenAI's TopK autoencoders (``Checkpoint.layer_norm_input``).
+Constant scalings (Llama Scope's dataset-wise activation norms and decoder norms) are folded into
+the weights, which is exact. What a format can express beyond that (other normalisations, gating,
+transcoders, skip connections) is rejected with a ``ValueError`` rather than approximated. Every malformed-file error names the file and
 the key. JumpReLU thresholds are kept as stored, negative ones included: every source library's
 JumpReLU is ``relu(pre) * (pre > θ)`` (dictionary_learning's BatchTopK and JumpReLU classes write
 it differently but agree for every θ), and so is ``sc.SAE``'s.
@@ -60,16 +66,20 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 DICTIONARY_LEARNING_CFG = "config.json"
 DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 GEMMA_SCOPE_WEIGHTS = ("params.npz", "params.safetensors")
+LLAMA_SCOPE_CFG = "hyperparams.json"
+LLAMA_SCOPE_WEIGHTS = "checkpoints/final.safetensors"  # relative to the folder of hyperparams.json
 TORCH_SUFFIXES = (".pth", ".pt")
-# The config file each weights file's loader reads from the same folder.
+# The config file each weights file's loader reads from the checkpoint folder (both relative to it).
 _CONFIG_OF_WEIGHTS = {
     SAELENS_WEIGHTS: SAELENS_CFG, SPARSIFY_WEIGHTS: SPARSIFY_CFG, DICTIONARY_LEARNING_WEIGHTS: DICTIONARY_LEARNING_CFG,
+    LLAMA_SCOPE_WEIGHTS: LLAMA_SCOPE_CFG,
 }
 #: The layouts read_checkpoint reads, for error messages.
 LAYOUTS = (
     f"SAELens ({SAELENS_CFG} + {SAELENS_WEIGHTS}), Gemma Scope ({' or '.join(GEMMA_SCOPE_WEIGHTS)}), "
     f"sparsify ({SPARSIFY_CFG} + {SPARSIFY_WEIGHTS}), dictionary_learning ({DICTIONARY_LEARNING_WEIGHTS} + "
-    f"{DICTIONARY_LEARNING_CFG}) and Goodfire (one .pth state dict)"
+    f"{DICTIONARY_LEARNING_CFG}), Goodfire (one .pth state dict), OpenAI's GPT-2 autoencoders (one "
+    f"{{layer}}.pt state dict) and Llama Scope ({LLAMA_SCOPE_CFG} + {LLAMA_SCOPE_WEIGHTS})"
 )
 
 _SAELENS_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
@@ -92,6 +102,7 @@ class Checkpoint(NamedTuple):
     k: int | None  # topk only
     apply_b_dec_to_input: bool
     hook_name: str | None
+    layer_norm_input: bool = False  # OpenAI's TopK autoencoders: LN(x) in, x_hat * std + mu out
 
 
 @runtime_checkable
@@ -107,6 +118,7 @@ class SAEFields(Protocol):
     k: int | None
     apply_b_dec_to_input: bool
     hook_name: str | None
+    layer_norm_input: bool
 
 
 def read_checkpoint(
@@ -130,7 +142,9 @@ def read_checkpoint(
     mlp_out or ``attn.hook_z``; resid_post if neither says); sparsify's hookpoint folder
     (``layers.{L}`` → resid_post, ``layers.{L}.mlp`` → mlp_out, ``layers.{L}.self_attn`` →
     attn_out); dictionary_learning's ``trainer.layer`` and ``submodule_name``; Goodfire's file name
-    (``...-SAE-l{L}.pth`` → resid_post). It is ``None``
+    (``...-SAE-l{L}.pth`` → resid_post); OpenAI's release path (``{location}_{version}/autoencoders/{L}.pt``,
+    e.g. ``resid_post_mlp`` → resid_post, ``resid_delta_attn`` → attn_out); Llama Scope's
+    ``hook_point_in``. It is ``None``
     where the checkpoint does not say. Pass ``hook_name=`` to replace it, or ``layer=`` to keep
     its hook point and change only the layer.
 
@@ -150,7 +164,9 @@ def save_sae(sae: SAEFields, path: str | os.PathLike[str]) -> None:
     layout: ``cfg.json`` + ``sae_weights.safetensors``.
 
     ``read_checkpoint`` reads it back exactly (same tensors, dtype, activation, k, threshold,
-    ``apply_b_dec_to_input`` and ``hook_name``), and SAELens reads it with the same encode/decode.
+    ``apply_b_dec_to_input``, ``hook_name`` and ``layer_norm_input``), and SAELens reads it with the
+    same encode/decode (``layer_norm_input`` is SAELens's ``normalize_activations="layer_norm"``, the
+    same equations).
     Both files are replaced atomically, so saving over the checkpoint an SAE was loaded from is
     safe (that SAE's tensors may be views of the old file's mapping).
     """
@@ -174,12 +190,16 @@ def checkpoint_files(names: Collection[str]) -> list[str] | None:
     the weights file, then the config file its format needs (``files_for_weights``).
 
     The weights file is the first of ``sae_weights.safetensors``, ``sae.safetensors``, ``ae.pt``,
-    ``params.npz``, ``params.safetensors`` present, else the folder's only ``.pth`` / ``.pt`` file.
+    ``params.npz``, ``params.safetensors`` present; else ``checkpoints/final.safetensors`` when the
+    folder holds ``hyperparams.json`` (Llama Scope keeps its weights in that subfolder, which a
+    listing of the folder's files does not show); else the folder's only ``.pth`` / ``.pt`` file.
     ``None`` when there is none of these. ``detect_format`` picks a folder's weights file by this,
     and so does Hub loading from a folder's listing.
     """
     known = (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, DICTIONARY_LEARNING_WEIGHTS, *GEMMA_SCOPE_WEIGHTS)
     weights = next((name for name in known if name in names), None)
+    if weights is None and LLAMA_SCOPE_CFG in names:
+        weights = LLAMA_SCOPE_WEIGHTS
     torch_files = [name for name in names if Path(name).suffix in TORCH_SUFFIXES]
     if weights is None and len(torch_files) == 1:
         weights = torch_files[0]
@@ -188,14 +208,15 @@ def checkpoint_files(names: Collection[str]) -> list[str] | None:
 
 def files_for_weights(weights_name: str) -> list[str]:
     """``[weights_name]``, followed by the config file that the loader for a weights file of that
-    name reads from the same folder (``cfg.json`` or ``config.json``) where it reads one."""
+    name reads from the checkpoint folder (``cfg.json``, ``config.json`` or ``hyperparams.json``)
+    where it reads one. Both names are relative to the checkpoint folder."""
     config = _CONFIG_OF_WEIGHTS.get(weights_name)
     return [weights_name] if config is None else [weights_name, config]
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     """The checkpoint format at ``path`` (``saelens``, ``gemma_scope``, ``sparsify``,
-    ``dictionary_learning`` or ``goodfire``) and the weights file to read.
+    ``dictionary_learning``, ``goodfire``, ``openai`` or ``llama_scope``) and the weights file to read.
 
     ``path`` may be a checkpoint folder (its weights file is chosen by ``checkpoint_files``) or a
     weights file. Raises ``ValueError`` naming the path when no known layout matches.
@@ -216,6 +237,8 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     }
     if path.name in by_name:
         return by_name[path.name], path
+    if _is_llama_scope_weights(path):
+        return "llama_scope", path
     if path.suffix == ".npz" or path.name in GEMMA_SCOPE_WEIGHTS:
         return "gemma_scope", path
     if path.suffix in TORCH_SUFFIXES:
@@ -228,12 +251,23 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     raise _unknown_layout(path, [path.name])
 
 
+def _is_llama_scope_weights(path: Path) -> bool:
+    """``.../checkpoints/final.safetensors`` beside a ``hyperparams.json`` one folder up."""
+    return path.parent.name == "checkpoints" and path.name == Path(LLAMA_SCOPE_WEIGHTS).name and (
+        path.parent.parent / LLAMA_SCOPE_CFG
+    ).is_file()
+
+
 def _torch_file_format(path: Path) -> str:
     """The format of a torch state dict other than ``ae.pt``, by its keys (its name says nothing)."""
-    keys = _torch_state_dict(path).keys()
-    if "encoder_linear.weight" in keys:
+    state = _torch_load(path)
+    if not isinstance(state, Mapping):
+        raise _not_a_state_dict(path, state)
+    if "encoder_linear.weight" in state:
         return "goodfire"
-    raise _unknown_layout(path, sorted(keys))
+    if any(key in state for key in _OPENAI_MARKERS):
+        return "openai"
+    raise _unknown_layout(path, sorted(map(str, state)))
 
 
 def check_read_options(dtype: torch.dtype | None, hook_name: str | None, layer: int | None) -> None:
@@ -344,7 +378,18 @@ def _open_weights(path: Path, reading: _Reading) -> Iterator[_Weights]:
 
 
 def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """A torch-saved state dict, read without running pickled code (``weights_only=True``)."""
+    """A torch-saved state dict of tensors only, read without running pickled code."""
+    state = _torch_load(path)
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _not_a_state_dict(path, state)
+    return state
+
+
+def _torch_load(path: Path) -> object:
+    """What a torch-saved file holds, read with ``weights_only=True``: tensors and plain containers,
+    strings and numbers only, so no pickled code runs."""
     try:
         # mmap needs torch's zip container; legacy (pre-1.6) files are read into memory instead.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -355,15 +400,15 @@ def _torch_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
             "here because unpickling them runs code from the file. Re-download it, or re-save it with "
             "torch.save(ae.state_dict(), path)."
         ) from e
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ValueError(
-            f"{path}: expected a state dict (str -> Tensor), got {type(state).__name__}. "
-            "dictionary_learning (ae.pt) and Goodfire (.pth) save the autoencoder's state_dict(). "
-            "Re-save it with torch.save(ae.state_dict(), path)."
-        )
     return state
+
+
+def _not_a_state_dict(path: Path, state: object) -> ValueError:
+    return ValueError(
+        f"{path}: expected a state dict (str -> Tensor), got {type(state).__name__}. "
+        "dictionary_learning (ae.pt), Goodfire (.pth) and OpenAI ({layer}.pt) save the autoencoder's "
+        "state_dict(). Re-save it with torch.save(ae.state_dict(), path)."
+    )
 
 
 @contextlib.contextmanager
@@ -409,6 +454,24 @@ def _cfg_int(cfg: Mapping[str, Any], key: str, file: Path) -> int:
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{file}: config key {key!r} must be a positive integer, got {value!r}. Fix the config.")
+    return value
+
+
+def _cfg_value(cfg: Mapping[str, Any], key: str, file: Path, why: str, kind: type | tuple[type, ...]) -> Any:
+    """A required config entry of type ``kind`` (a bool is never a number here)."""
+    if key not in cfg:
+        raise ValueError(f"{file}: missing config key {key!r}. {why} Add it, or re-export the checkpoint.")
+    value = cfg[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise ValueError(f"{file}: config key {key!r} has the wrong type: {value!r}. {why} Fix the config.")
+    return value
+
+
+def _cfg_bool(cfg: Mapping[str, Any], key: str, default: bool, file: Path) -> bool:
+    """An optional boolean config entry (``default`` when absent)."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{file}: config key {key!r} must be true or false, got {value!r}. Fix the config.")
     return value
 
 
@@ -496,6 +559,7 @@ def _load_saelens(weights_file: Path, layer: int | None, reading: _Reading) -> C
             # SAELens's own default when the key is absent (pre-6.0 configs) is True.
             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
             hook_name=_relayer(hook, layer, cfg_file),
+            layer_norm_input=_saelens_layer_norm(cfg, cfg_file),
         )
 
 
@@ -519,13 +583,7 @@ def _saelens_architecture(cfg: Mapping[str, Any], cfg_file: Path) -> str:
 
 def _reject_saelens_extras(cfg: Mapping[str, Any], metadata: Mapping[str, Any], cfg_file: Path) -> None:
     """Refuse the SAELens options whose math is not DESIGN §4's (rather than approximate them)."""
-    normalize = cfg.get("normalize_activations", "none")
-    if normalize not in ("none", None, False):
-        raise _reject(
-            cfg_file, "normalize_activations", normalize,
-            "The SAE expects its input rescaled by statistics that are not part of the SAE math "
-            "(DESIGN §4), so steering with it as-is would be wrong.", "'none'",
-        )
+    _saelens_layer_norm(cfg, cfg_file)
     head = metadata.get("hook_head_index", cfg.get("hook_head_index"))
     if head is not None:
         raise _reject(
@@ -537,6 +595,19 @@ def _reject_saelens_extras(cfg: Mapping[str, Any], metadata: Mapping[str, Any], 
             "Feature activations are scaled by decoder norms, which the SAE math does not do.",
             "false (SAELens: sae.fold_W_dec_norm() then sae.save_model())",
         )
+
+
+def _saelens_layer_norm(cfg: Mapping[str, Any], cfg_file: Path) -> bool:
+    """Whether the SAE layer-normalises its input (``normalize_activations="layer_norm"``, the
+    equations of ``layer_norm_input``); any other normalisation is refused."""
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None, False, "layer_norm"):
+        raise _reject(
+            cfg_file, "normalize_activations", normalize,
+            "The SAE expects its input rescaled by statistics that are not part of the SAE math "
+            "(DESIGN §4), so steering with it as-is would be wrong.", "'none' or 'layer_norm'",
+        )
+    return normalize == "layer_norm"
 
 
 def _saelens_k(cfg: Mapping[str, Any], d_sae: int, cfg_file: Path) -> int:
@@ -814,12 +885,250 @@ def _goodfire_hook(file_name: str, layer: int | None) -> str | None:
     return _block_hook(layer if layer is not None else file_layer, "hook_resid_post")
 
 
+# OpenAI's sparse_autoencoder/model.py (github.com/openai/sparse_autoencoder; not on the package
+# index, whose "sparse_autoencoder" is another project): an ``{layer}.pt`` file is
+# ``Autoencoder.state_dict()``, its parameters and buffers plus the activation's class name and state.
+_OPENAI_META = ("activation", "activation_state_dict")
+# Names no other format's state dict uses: a file with any of them is read as OpenAI's, so that a
+# missing key is reported by name rather than as an unknown layout.
+_OPENAI_MARKERS = ("pre_bias", "latent_bias", *_OPENAI_META)
+# sparse_autoencoder/paths.py's locations -> the TransformerLens hook its README reads each one from.
+_OPENAI_LOCATIONS = {
+    "mlp_post_act": "mlp.hook_post",
+    "resid_delta_attn": "hook_attn_out",
+    "resid_post_attn": "hook_resid_mid",
+    "resid_delta_mlp": "hook_mlp_out",
+    "resid_post_mlp": "hook_resid_post",
+}
+
+
+def _load_openai(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
+    """OpenAI's GPT-2 small autoencoders, as ``Autoencoder.from_state_dict`` builds them:
+
+        latents = act(LN(x) - pre_bias) @ encoder.weight.T + latent_bias)
+        recons  = (latents @ decoder.weight.T + pre_bias) * std + mu
+
+    ``LN`` (``layer_norm_input``) is on exactly when ``activation`` is ``"TopK"`` (model.py's own
+    rule); ``"ReLU"`` (or no ``activation`` entry, the v1/v4 releases) is a plain ReLU SAE. TopK is
+    ``relu`` of the ``k`` largest pre-activations, the same features as TopK of ``relu(pre)``.
+    """
+    tensors, activation, options = _openai_state(weights_file)
+    act, k_value, normalize = _openai_activation(activation, options, weights_file)
+    weights = _Weights(weights_file, set(tensors), tensors.__getitem__, (), reading)
+    d_sae, d_in = _matrix_shape(weights, "encoder.weight", "OpenAI stores it as nn.Linear [n_latents, n_inputs].")
+    return Checkpoint(
+        W_enc=weights.tensor("encoder.weight", (d_sae, d_in), "[n_latents, n_inputs], nn.Linear layout").T,
+        W_dec=weights.tensor("decoder.weight", (d_in, d_sae), "[n_inputs, n_latents], nn.Linear layout").T,
+        b_enc=weights.tensor("latent_bias", (d_sae,), "[n_latents]"),
+        b_dec=weights.tensor("pre_bias", (d_in,), "[n_inputs]"),
+        activation=act, threshold=None,
+        k=None if k_value is None else _topk_k(k_value, d_sae, weights_file, "activation_state_dict.k"),
+        apply_b_dec_to_input=True,  # encode_pre_act subtracts pre_bias
+        hook_name=_openai_hook(weights_file, layer),
+        layer_norm_input=normalize,
+    )
+
+
+def _openai_state(path: Path) -> tuple[dict[str, torch.Tensor], object, object]:
+    """The tensors of an OpenAI ``{layer}.pt``, its ``activation`` name (default ``"ReLU"``, as
+    ``from_state_dict``) and its ``activation_state_dict`` (default empty)."""
+    state = _torch_load(path)
+    if not isinstance(state, Mapping):
+        raise _not_a_state_dict(path, state)
+    tensors = {key: value for key, value in state.items() if key not in _OPENAI_META}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor. Only "
+                f"{list(_OPENAI_META)} hold other values in Autoencoder.state_dict(). Re-save the autoencoder."
+            )
+    return tensors, state.get("activation", "ReLU"), state.get("activation_state_dict", {})
+
+
+def _openai_activation(name: object, options: object, path: Path) -> tuple[str, int | None, bool]:
+    """``(activation, k, layer_norm_input)`` from model.py's activation class name and state."""
+    if name == "ReLU":
+        return "relu", None, False
+    if name != "TopK":
+        raise _reject(path, "activation", name, "Only these activations are SAE activations here.", "'TopK' or 'ReLU'")
+    if not isinstance(options, Mapping) or "k" not in options or "postact_fn" not in options:
+        raise ValueError(
+            f"{path}: missing 'activation_state_dict.k' or 'activation_state_dict.postact_fn' (got {options!r}). "
+            "TopK.from_state_dict needs both to rebuild the activation. Re-save the autoencoder."
+        )
+    if options["postact_fn"] != "ReLU":
+        raise _reject(
+            path, "activation_state_dict.postact_fn", options["postact_fn"],
+            "Without the ReLU after TopK, negative pre-activations can fire, which TopK here does not allow.",
+            "'ReLU'",
+        )
+    return "topk", options["k"], True
+
+
+def _openai_hook(weights_file: Path, layer: int | None) -> str | None:
+    """From the release path ``{location}[_{version}]/autoencoders/{layer}.pt`` (sparse_autoencoder/paths.py)."""
+    file_layer = int(weights_file.stem) if weights_file.stem.isdigit() else None
+    point = next(
+        (hook for part in reversed(weights_file.parent.parts) for location, hook in _OPENAI_LOCATIONS.items()
+         if re.fullmatch(rf"{location}(?:_v[0-9a-z_]+)?", part)),
+        None,
+    )
+    return _block_hook(layer if layer is not None else file_layer, point)
+
+
+class _LlamaScope(NamedTuple):
+    """The math ``hyperparams.json`` sets, in the terms of Language-Model-SAEs' loader (below)."""
+
+    d_model: int
+    d_sae: int
+    activation: str
+    threshold: float | None  # jumprelu only
+    k: int | None  # topk only
+    in_factor: float  # sqrt(d_model) / dataset norm of the input (1: no dataset-wise norm)
+    out_factor: float  # the same for the output
+    unit_decoder: bool  # sparsity_include_decoder_norm: decoder norms are moved into the encoder
+    apply_b_dec_to_input: bool
+    decoder_bias: bool
+    hook: str
+
+
+def _load_llama_scope(weights_file: Path, layer: int | None, reading: _Reading) -> Checkpoint:
+    """Llama Scope (fnlp/Llama3_1-8B-Base-LX{R,A,M}-{8x,32x}) as Language-Model-SAEs loads it.
+
+    The release's library (OpenMOSS/Language-Model-SAEs ``src/lm_saes/sae.py`` at the "Llama Scope
+    SAEs" commit 4ec6f0aa, ``SparseAutoEncoder.from_config``) rescales the stored weights and then
+    runs plain ``x @ E.T + b_e``, ``act``, ``f @ D.T + b_d``; this loader makes the same two steps
+    (``_fold_llama_scope``), so the SAE's encode and decode are that library's. An ``act_fn`` of
+    ``topk`` with a positive ``jump_relu_threshold`` runs as JumpReLU, as that loader converts it.
+    SAELens's ``llama_scope`` loader differs: it folds only the input norm into ``W_enc``, so its
+    features are ``sqrt(d_model) / norm_in`` times these, and it ignores the decoder norms.
+    """
+    cfg_file = weights_file.parent.parent / LLAMA_SCOPE_CFG
+    spec = _llama_scope_spec(_read_json(cfg_file), cfg_file)
+    d, f = spec.d_model, spec.d_sae
+    with _open_weights(weights_file, reading) as weights:
+        encoder = weights.tensor("encoder.weight", (f, d), "[d_sae, d_model] from hyperparams.json, nn.Linear layout")
+        b_enc = weights.tensor("encoder.bias", (f,), "[d_sae]")
+        decoder = weights.tensor("decoder.weight", (d, f), "[d_model, d_sae] from hyperparams.json, nn.Linear layout")
+        # use_decoder_bias=False: the nn.Linear decoder has no bias, the same as a zero one.
+        b_dec = weights.tensor("decoder.bias", (d,), "[d_model]") if spec.decoder_bias else encoder.new_zeros(d)
+    W_enc, b_enc, W_dec, b_dec = _fold_llama_scope(encoder, b_enc, decoder, b_dec, spec)
+    return Checkpoint(
+        W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec,
+        activation=spec.activation,
+        threshold=None if spec.threshold is None else torch.full_like(b_enc, spec.threshold),
+        k=spec.k, apply_b_dec_to_input=spec.apply_b_dec_to_input,
+        hook_name=_relayer(spec.hook, layer, cfg_file),
+    )
+
+
+def _fold_llama_scope(
+    encoder: torch.Tensor, b_enc: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor, spec: _LlamaScope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_enc [D, F]``, ``b_enc [F]``, ``W_dec [F, D]``, ``b_dec [D]`` from the stored nn.Linear weights.
+
+    1. ``standardize_parameters_of_dataset_activation_scaling``: the input is used unscaled, so
+       ``b_e / s_in``, ``b_d / s_out``, ``D * s_in / s_out`` (``s = sqrt(d_model) / norm``).
+    2. ``transform_to_unit_decoder_norm``, when ``sparsity_include_decoder_norm``: each feature's
+       decoder norm ``n_i`` (of the step-1 decoder) moves to its encoder row and bias, ``D / n``,
+       ``E * n``, ``b_e * n``. A feature with a zero decoder (which the library turns into NaN) keeps a
+       zero decoder and gets a zero encoder: it never fires and writes nothing.
+    Computed in at least fp32 (the library does it in the stored dtype), then cast back.
+    """
+    dtype = encoder.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    b_enc = b_enc.to(work) / spec.in_factor  # [F]
+    b_dec = b_dec.to(work) / spec.out_factor  # [D]
+    decoder = decoder.to(work) * (spec.in_factor / spec.out_factor)  # [D, F]
+    encoder = encoder.to(work)  # [F, D]
+    if spec.unit_decoder:
+        norm = decoder.norm(dim=0)  # [F]
+        decoder = decoder / torch.where(norm > 0, norm, 1.0)
+        encoder = encoder * norm[:, None]
+        b_enc = b_enc * norm
+    return encoder.T.to(dtype), b_enc.to(dtype), decoder.T.to(dtype), b_dec.to(dtype)
+
+
+def _llama_scope_spec(cfg: Mapping[str, Any], cfg_file: Path) -> _LlamaScope:
+    """Read and check ``hyperparams.json``; options it leaves out take SAEConfig's defaults."""
+    d_model, d_sae = _cfg_int(cfg, "d_model", cfg_file), _cfg_int(cfg, "d_sae", cfg_file)
+    _reject_llama_scope_extras(cfg, cfg_file)
+    activation, threshold, k = _llama_scope_activation(cfg, d_sae, cfg_file)
+    in_factor, out_factor = _llama_scope_norm_factors(cfg, d_model, cfg_file)
+    return _LlamaScope(
+        d_model=d_model, d_sae=d_sae, activation=activation, threshold=threshold, k=k,
+        in_factor=in_factor, out_factor=out_factor,
+        unit_decoder=_cfg_bool(cfg, "sparsity_include_decoder_norm", True, cfg_file),
+        apply_b_dec_to_input=_cfg_bool(cfg, "apply_decoder_bias_to_pre_encoder", True, cfg_file),
+        decoder_bias=_cfg_bool(cfg, "use_decoder_bias", True, cfg_file),
+        hook=_cfg_value(cfg, "hook_point_in", cfg_file, "It names the site the SAE reads.", str),
+    )
+
+
+def _reject_llama_scope_extras(cfg: Mapping[str, Any], cfg_file: Path) -> None:
+    if _cfg_bool(cfg, "use_glu_encoder", False, cfg_file):
+        raise _reject(cfg_file, "use_glu_encoder", True, "A sigmoid-gated encoder is not the SAE math.", "false")
+    hook_in = cfg.get("hook_point_in")
+    if cfg.get("hook_point_out", hook_in) != hook_in:
+        raise _reject(
+            cfg_file, "hook_point_out", cfg["hook_point_out"],
+            f"It differs from hook_point_in {hook_in!r}: a transcoder maps one site to another, not one site's SAE.",
+            "hook_point_out equal to hook_point_in",
+        )
+
+
+def _llama_scope_activation(cfg: Mapping[str, Any], d_sae: int, cfg_file: Path) -> tuple[str, float | None, int | None]:
+    """``(activation, threshold, k)``. Language-Model-SAEs' JumpReLU is ``where(pre > θ, pre, 0)``,
+    the SAE math's ``relu(pre) * (pre > θ)`` for ``θ >= 0``; a negative θ would differ, so it is refused."""
+    act_fn = _cfg_value(cfg, "act_fn", cfg_file, "It names the activation.", str).lower()
+    if act_fn not in ("relu", "jumprelu", "topk"):
+        raise _reject(cfg_file, "act_fn", act_fn, "Only these activations are SAE activations here.",
+                      "'relu', 'jumprelu' or 'topk'")
+    # The threshold is required for jumprelu; for topk, absent means 0 (SAEConfig's default): no conversion.
+    threshold = _cfg_value(cfg, "jump_relu_threshold", cfg_file, "It is the JumpReLU threshold.", (int, float)) \
+        if act_fn == "jumprelu" else cfg.get("jump_relu_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < float("inf"):
+        raise _reject(cfg_file, "jump_relu_threshold", threshold,
+                      "Language-Model-SAEs' JumpReLU passes pre-activations above a negative threshold, "
+                      "which the SAE math's JumpReLU does not.", "a finite number >= 0")
+    if act_fn == "jumprelu" or (act_fn == "topk" and threshold > 0):
+        return "jumprelu", float(threshold), None
+    if act_fn == "topk":
+        return "topk", None, _topk_k(cfg.get("top_k"), d_sae, cfg_file, "top_k")
+    return "relu", None, None
+
+
+def _llama_scope_norm_factors(cfg: Mapping[str, Any], d_model: int, cfg_file: Path) -> tuple[float, float]:
+    """``(s_in, s_out)``: ``sqrt(d_model) / dataset_average_activation_norm.{in,out}`` for
+    ``norm_activation="dataset-wise"``; ``(1, 1)`` for ``"inference"`` (already folded)."""
+    norm = _cfg_value(cfg, "norm_activation", cfg_file, "It says how inputs were scaled.", str)
+    if norm == "inference":
+        return 1.0, 1.0
+    if norm != "dataset-wise":
+        raise _reject(cfg_file, "norm_activation", norm,
+                      "Token- and batch-wise norms rescale each input by its own norm, which is not a "
+                      "constant that folds into the weights.", "'dataset-wise' or 'inference'")
+    norms = _cfg_value(cfg, "dataset_average_activation_norm", cfg_file, "Dataset-wise scaling needs it.", dict)
+    factors = []
+    for side in ("in", "out"):
+        value = norms.get(side)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(
+                f"{cfg_file}: config key 'dataset_average_activation_norm.{side}' must be a positive number, "
+                f"got {value!r}. Dataset-wise scaling divides by it. Fix the config."
+            )
+        factors.append(d_model**0.5 / value)
+    return factors[0], factors[1]
+
+
 _LOADERS: dict[str, Callable[[Path, int | None, _Reading], Checkpoint]] = {
     "saelens": _load_saelens,
     "gemma_scope": _load_gemma_scope,
     "sparsify": _load_sparsify,
     "dictionary_learning": _load_dictionary_learning,
     "goodfire": _load_goodfire,
+    "openai": _load_openai,
+    "llama_scope": _load_llama_scope,
 }
 
 
@@ -836,7 +1145,8 @@ def _saelens_cfg_of(sae: SAEFields) -> dict[str, Any]:
         "d_sae": d_sae,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        "normalize_activations": "none",
+        # SAELens's "layer_norm" is layer_norm_input's LN (eps 1e-5, unbiased std, x_hat * std + mu).
+        "normalize_activations": "layer_norm" if sae.layer_norm_input else "none",
         # SAELens flattens [.., heads, d_head] input for hook_z SAEs; the math is unchanged.
         "reshape_activations": "hook_z" if (sae.hook_name or "").endswith("hook_z") else "none",
         # SAELens 6 reads metadata.hook_name; configs without a sae_lens_version take the

@@ -7,6 +7,9 @@ Naming follows SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_en
     f     = act(pre)
     x_hat = f @ W_dec + b_dec
 
+With ``layer_norm_input`` (OpenAI's TopK autoencoders) ``x`` is first layer-normalised,
+``x_n, mu, std = LN(x)``, the SAE runs on ``x_n``, and ``x_hat * std + mu`` maps its output back.
+
 The activations live in ``sae_compile.activations``, shared with the torch steering path;
 checkpoint files are read and written by ``sae_compile.checkpoints``.
 """
@@ -17,7 +20,7 @@ import os
 
 import torch
 
-from .activations import ACTIVATIONS, Activation, activate_
+from .activations import ACTIVATIONS, Activation, activate_, layer_norm
 from .checkpoints import read_checkpoint, save_sae
 from .hub import HF_SCHEME, parse_hf_uri, read_hub_checkpoint
 from .releases import SAELENS_SCHEME, parse_release_uri, resolve_release
@@ -36,6 +39,14 @@ class SAE:
     ``apply_b_dec_to_input`` defaults to **False** here, unlike SAELens, where it defaults to
     True: code ported from SAELens that relies on its default must pass
     ``apply_b_dec_to_input=True``. ``SAE.load`` reads the setting from the checkpoint.
+
+    ``layer_norm_input=True`` normalises each input first, as OpenAI's TopK autoencoders do
+    (``sparse_autoencoder/model.py``; SAELens's ``normalize_activations="layer_norm"``):
+    ``x_n = (x - mu) / (std + 1e-5)`` with ``mu`` the mean and ``std`` the unbiased standard
+    deviation over ``d_in``, and the SAE math runs on ``x_n``. ``decode(f, x)`` maps the
+    reconstruction back with the statistics of the input ``x``: ``x_hat_n * std + mu``. When
+    steering, additive edits apply to ``x`` itself, a clamp adds ``std * (f' - f) @ W_dec``, and
+    ``Reconstruct`` gives ``(f' @ W_dec + b_dec) * std + mu``.
 
     Instances are immutable values: every constructor argument is exposed as an attribute
     of the same name, and ``to()`` returns a new SAE. ``hook_name`` is the site the SAE was
@@ -58,8 +69,10 @@ class SAE:
         k: int | None = None,
         apply_b_dec_to_input: bool = False,
         hook_name: str | None = None,
+        layer_norm_input: bool = False,
     ) -> None:
         d_in, d_sae = _check_weights(W_enc, W_dec)
+        _check_layer_norm_input(layer_norm_input, d_in)
         b_enc = _vector_or_zeros("b_enc", b_enc, W_enc, d_sae)
         b_dec = _vector_or_zeros("b_dec", b_dec, W_enc, d_in)
         _check_activation(activation)
@@ -77,6 +90,7 @@ class SAE:
         self.k = k
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
         self.hook_name = hook_name
+        self.layer_norm_input = layer_norm_input
 
     @property
     def d_in(self) -> int:
@@ -97,18 +111,37 @@ class SAE:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations ``f [..., d_sae]`` for inputs ``x [..., d_in]`` (see the class docstring)."""
         x = x.to(self.dtype)
+        if self.layer_norm_input:
+            x = layer_norm(x)[0]
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         pre = x @ self.W_enc + self.b_enc  # [..., d_sae], a fresh tensor the activation may overwrite
         return activate_(pre, self.activation, self.threshold, self.k)
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``x_hat [..., d_in]`` of feature activations ``f [..., d_sae]``."""
-        return f.to(self.dtype) @ self.W_dec + self.b_dec
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction ``x_hat [..., d_in]`` of feature activations ``f [..., d_sae]``:
+        ``f @ W_dec + b_dec``.
+
+        With ``layer_norm_input`` that is the reconstruction of the normalised input, and ``x``, the
+        input ``[..., d_in]`` that ``f`` was encoded from, is required: its mean and standard
+        deviation map the result back, ``(f @ W_dec + b_dec) * std + mu``, as OpenAI's decode does.
+        Without it ``x`` is not needed and not read.
+        """
+        x_hat = f.to(self.dtype) @ self.W_dec + self.b_dec  # [..., d_in]
+        if not self.layer_norm_input:
+            return x_hat
+        if x is None:
+            raise ValueError(
+                "SAE.decode: this SAE layer-normalises its input (layer_norm_input=True), so its "
+                "reconstruction is in the normalised space and needs the input's mean and standard "
+                "deviation to map back. Pass the input the features were encoded from: sae.decode(f, x)."
+            )
+        _, mu, std = layer_norm(x.to(self.dtype))  # [..., 1] each
+        return x_hat * std + mu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction ``decode(encode(x))``."""
-        return self.decode(self.encode(x))
+        """The reconstruction ``decode(encode(x), x)``."""
+        return self.decode(self.encode(x), x)
 
     __call__ = forward
 
@@ -119,6 +152,7 @@ class SAE:
             *(t.to(*args, **kwargs) for t in (self.W_enc, self.W_dec, self.b_enc, self.b_dec)),
             activation=self.activation, threshold=threshold, k=self.k,
             apply_b_dec_to_input=self.apply_b_dec_to_input, hook_name=self.hook_name,
+            layer_norm_input=self.layer_norm_input,
         )
 
     @staticmethod
@@ -131,7 +165,7 @@ class SAE:
         layer: int | None = None,
     ) -> SAE:
         """Read an SAE checkpoint (SAELens, Gemma Scope, EleutherAI sparsify, dictionary_learning,
-        Goodfire), detecting its format; the options and errors are
+        Goodfire, OpenAI's GPT-2 autoencoders, Llama Scope), detecting its format; the options and errors are
         ``sae_compile.checkpoints.read_checkpoint``'s.
 
         ``dtype`` / ``device`` convert the tensors (``None``: as stored, on the CPU, as views of the
@@ -213,6 +247,7 @@ class SAE:
 
     def __repr__(self) -> str:
         extra = f", k={self.k}" if self.k is not None else ""
+        extra += ", layer_norm_input=True" if self.layer_norm_input else ""
         return (
             f"SAE(d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{extra}, "
             f"apply_b_dec_to_input={self.apply_b_dec_to_input}, hook_name={self.hook_name!r}, dtype={self.dtype})"
@@ -244,6 +279,16 @@ def _check_weights(W_enc: object, W_dec: object) -> tuple[int, int]:
     if not W_enc.is_floating_point() or not W_dec.is_floating_point():
         raise TypeError(f"SAE: weights must be floating point tensors, got {W_enc.dtype} and {W_dec.dtype}.")
     return d_in, d_sae
+
+
+def _check_layer_norm_input(layer_norm_input: object, d_in: int) -> None:
+    if not isinstance(layer_norm_input, bool):
+        raise TypeError(f"SAE: layer_norm_input must be True or False, got {layer_norm_input!r}.")
+    if layer_norm_input and d_in < 2:
+        raise ValueError(
+            f"SAE: layer_norm_input=True needs d_in >= 2, got d_in={d_in}: the unbiased standard deviation "
+            "of a single value is undefined."
+        )
 
 
 def _vector_or_zeros(name: str, t: object, W_enc: torch.Tensor, length: int) -> torch.Tensor:

@@ -64,7 +64,24 @@ def _parse_site(site: str) -> tuple[int, str] | None:
 
 class SAEOutput(NamedTuple):
     f: torch.Tensor  # feature activations [..., d_sae], float64
-    x_hat: torch.Tensor  # reconstruction f @ W_dec + b_dec [..., d_in], float64
+    x_hat: torch.Tensor  # reconstruction f @ W_dec + b_dec [..., d_in], float64 (LN SAEs: mapped back)
+
+
+class _LayerNorm64(NamedTuple):
+    """OpenAI's ``LN`` (sparse_autoencoder/model.py) of an input, in float64."""
+
+    x_n: torch.Tensor  # (x - mu) / (std + 1e-5)  [..., D]
+    mu: torch.Tensor  # mean over D  [..., 1]
+    std: torch.Tensor  # unbiased standard deviation over D  [..., 1]
+
+
+def _layer_norm64(x64: torch.Tensor) -> _LayerNorm64:
+    """Written from the published equations, not with torch.std: ``sum((x - mu)^2) / (D - 1)``."""
+    d = x64.shape[-1]
+    mu = x64.sum(dim=-1, keepdim=True) / d
+    centred = x64 - mu
+    std = ((centred * centred).sum(dim=-1, keepdim=True) / (d - 1)).sqrt()
+    return _LayerNorm64(centred / (std + 1e-5), mu, std)
 
 
 def _sae64(sae: SAE, device: torch.device) -> dict[str, torch.Tensor]:
@@ -82,10 +99,13 @@ def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
 
     act is relu; jumprelu (``relu(pre_i) * (pre_i > theta_i)``, per-feature theta, SAELens'
     convention: a negative theta never lets a negative ``pre_i`` through); or topk (keep the k
-    largest entries of ``relu(pre)``, the lower index first at a tie; zero the rest).
+    largest entries of ``relu(pre)``, the lower index first at a tie; zero the rest). With
+    ``layer_norm_input``, ``x`` is first replaced by ``LN(x)`` (``_layer_norm64``).
     """
     w = _sae64(sae, x64.device)
     x64 = x64.to(torch.float64)
+    if sae.layer_norm_input:
+        x64 = _layer_norm64(x64).x_n
     if sae.apply_b_dec_to_input:
         x64 = x64 - w["b_dec"]
     pre = x64 @ w["W_enc"] + w["b_enc"]
@@ -104,16 +124,23 @@ def sae_encode64(sae: SAE, x64: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"reference: unknown SAE activation {sae.activation!r}")
 
 
-def sae_decode64(sae: SAE, f64: torch.Tensor) -> torch.Tensor:
-    """``x_hat = f @ W_dec + b_dec`` in float64."""
+def sae_decode64(sae: SAE, f64: torch.Tensor, x64: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_hat = f @ W_dec + b_dec`` in float64; with ``layer_norm_input``, ``x_hat * std + mu``
+    with the statistics of ``x64``, the input ``f`` was encoded from (then required)."""
     w = _sae64(sae, f64.device)
-    return f64.to(torch.float64) @ w["W_dec"] + w["b_dec"]
+    x_hat = f64.to(torch.float64) @ w["W_dec"] + w["b_dec"]
+    if not sae.layer_norm_input:
+        return x_hat
+    if x64 is None:
+        raise ValueError("reference: decoding a layer-normalising SAE needs the input it encoded")
+    ln = _layer_norm64(x64.to(torch.float64))
+    return x_hat * ln.std + ln.mu
 
 
 def sae_math(sae: SAE, x64: torch.Tensor) -> SAEOutput:
     """Encode and decode ``x64 [..., d_in]`` in float64: ``(f, x_hat)`` per DESIGN §4."""
     f = sae_encode64(sae, x64)
-    return SAEOutput(f, sae_decode64(sae, f))
+    return SAEOutput(f, sae_decode64(sae, f, x64))
 
 
 # --------------------------------------------------------------------------------------
@@ -130,7 +157,10 @@ def _steer64(x: torch.Tensor, site: str, steering: Steering | None, sae: SAE | N
 
     Order at one site (DESIGN §4): all AddVector edits first, then the SAE edits: clamps
     applied to ``f`` in edit order, then reconstruct (``f' @ W_dec + b_dec``) if any
-    Reconstruct is present, else error-preserving (``x + (f' - f) @ W_dec``).
+    Reconstruct is present, else error-preserving (``x + (f' - f) @ W_dec``). An SAE with
+    ``layer_norm_input`` encodes ``LN(x)`` of the post-AddVector ``x``; reconstruct is then
+    ``(f' @ W_dec + b_dec) * std + mu`` and the delta ``x + std * (f' - f) @ W_dec``, which is what
+    OpenAI's decode of ``f'`` minus its decode of ``f`` adds.
     """
     edits = _edits_at(steering, site)
     if not edits:
@@ -163,9 +193,10 @@ def _steer64(x: torch.Tensor, site: str, steering: Steering | None, sae: SAE | N
         else:  # "scale"
             f_new[..., c.feature] = col * c.value
     if reconstruct:
-        return sae_decode64(sae, f_new)
+        return sae_decode64(sae, f_new, x64)
     w_dec = sae.W_dec.to(device=x.device, dtype=torch.float64)
-    return x64 + (f_new - f) @ w_dec
+    delta = (f_new - f) @ w_dec
+    return x64 + (_layer_norm64(x64).std * delta if sae.layer_norm_input else delta)
 
 
 def apply_steering_at_site(

@@ -336,6 +336,8 @@ class SiteState:
         self.activation = None if sae is None else sae.activation
         self.k = None if sae is None else sae.k
         self.d_sae = 0 if sae is None else sae.d_sae
+        self.layer_norm_input = False  # the SAE normalises its input (set by _load_sae; see kernels.steer)
+        self._captured_layer_norm: bool | None = None  # layer_norm_input when a CUDA graph captured the site
         self._allocate(max(self.d_sae, 1), dtype, device)
         # Host mirrors: what each row holds, so the op can skip whole paths without reading
         # device memory (no host sync) and a hot swap can re-gather the sparse rows.
@@ -458,12 +460,21 @@ class SiteState:
                 buffer[f:].zero_()
         for row in self._sparse_rows:
             self._gather_sparse(row)
+        # A host flag the op reads on every call: swapping it recompiles nothing (the op is opaque).
+        self.layer_norm_input = sae.layer_norm_input
+
+    def note_capture(self) -> None:
+        """Record that a CUDA graph is capturing this site: the graph holds the kernels of the
+        current SAE's input normalisation (or of none), so a later swap must keep it."""
+        self._captured_layer_norm = self.layer_norm_input
 
     def swap_sae(self, sae: SAE) -> None:
         """Replace this site's SAE in place, without recompiling.
 
         The new SAE must fit the buffers (``d_sae`` up to the attached SAE's), keep the
-        activation (and ``k``), and cover every feature a live steering row clamps. Every
+        activation (and ``k``), and cover every feature a live steering row clamps. It may add or
+        drop input layer normalisation (``layer_norm_input``), unless a CUDA graph has captured the
+        site: the captured kernels would keep the old arithmetic. Every
         check runs before anything is written, so a rejected SAE changes nothing. The copy
         keeps no backup of the old weights (that would double the site's memory at its
         peak): if the copy itself fails (say the device runs out of memory for a chunk),
@@ -495,6 +506,7 @@ class SiteState:
                 f"{sae.activation!r} (k={sae.k}). Changing the activation changes the compiled arithmetic: "
                 "use sc.steer() again."
             )
+        self._check_captured_layer_norm(sae)
         used = self.max_feature()
         if used >= sae.d_sae:
             raise ValueError(
@@ -503,6 +515,15 @@ class SiteState:
             )
         if sae.device.type == "meta":
             raise ValueError(f"load_sae: the SAE for {self.name} is on the meta device and has no values to copy.")
+
+    def _check_captured_layer_norm(self, sae: SAE) -> None:
+        if self._captured_layer_norm not in (None, sae.layer_norm_input):
+            raise ValueError(
+                f"load_sae: a CUDA graph captured {self.name} with layer_norm_input={self._captured_layer_norm}; "
+                f"the new SAE has layer_norm_input={sae.layer_norm_input}. The captured graph would keep "
+                "normalising (or not) as before. Swap to an SAE with the same input normalisation, or call "
+                "sc.steer() again and capture anew."
+            )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{self.name}.{n}": getattr(self, n) for n in (*_SAE_BUFFERS, *_ROW_TABLES)}

@@ -11,9 +11,17 @@ Delta rows of an elementwise SAE (ReLU/JumpReLU) only need the clamped features,
 cost O(K·D) per token (the *sparse* path). Reconstruct rows and TopK SAEs need every
 feature (the *full* path), computed only for the tokens that need it. Tokens that are not
 steered come back bit-for-bit.
+
+An SAE with ``layer_norm_input`` (OpenAI's TopK autoencoders) runs step 2 on
+``x_n, mu, std = LN(x)`` (after step 1, which stays in the stream's own space): the same
+paths steer ``x_n`` to ``y_n``, and ``torch_path.layer_norm_out`` maps that back, delta rows
+to ``x + std * (y_n - x_n)`` (``std * (f' - f) @ W_dec``, what their decode gives) and
+reconstruct rows to ``y_n * std + mu``. Sites whose SAE does not normalise never run it.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -52,7 +60,31 @@ def _steer_rows(x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torc
     source = x
     x = x.contiguous()  # [B, S, D]; every path below returns x's layout
     paths = _paths(x, site, x.shape[0])
-    fused = x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
+    if site.layer_norm_input and (paths.sparse or paths.full):
+        out = _steer_layer_normed(x, site, rows, mask, weight, paths)
+    else:
+        out = _steer_paths(x, site, rows, mask, weight, paths)
+    return x.clone() if out is source else out
+
+
+def _steer_layer_normed(
+    x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, paths: Paths
+) -> torch.Tensor:
+    """Steering at a site whose SAE layer-normalises its input (see the module docstring)."""
+    if paths.add:
+        x = torch_path.add_vector(x, rows, weight, site)  # [B, S, D], in the stream's space
+    x_n, mu, std = torch_path.layer_norm_in(x)  # [B, S, D] model dtype, [B, S, 1] fp32 each
+    y_n = _steer_paths(x_n, site, rows, mask, weight, replace(paths, add=False))  # [B, S, D], a new tensor
+    reconstruct = mask & site.reconstruct_row[rows][:, None]  # [B, S]
+    return torch_path.layer_norm_out(x, x_n, y_n, mu, std, reconstruct, mask)
+
+
+def _steer_paths(
+    x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, paths: Paths
+) -> torch.Tensor:
+    """The additive step, the sparse delta and the full path on ``x [B, S, D]``, each where ``paths``
+    says, fused on CUDA; returns ``x`` itself when none runs."""
+    fused = _use_triton(x)
     out = x
     if fused and paths.sparse:
         out = triton_sae.sparse_delta(out, rows, mask, site, with_add=paths.add)
@@ -65,11 +97,18 @@ def _steer_rows(x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torc
         out = triton_sae.full_path(out, rows, mask, site, in_place=out is not x)
     elif paths.full:
         out = torch_path.full_path(out, rows, mask, site)
-    return x.clone() if out is source else out
+    return out
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """The fused kernels run on CUDA tensors of the dtypes they take, when Triton is installed."""
+    return x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
 
 
 def _paths(x: torch.Tensor, site: SiteState, batch: int) -> Paths:
     """The host knows which paths the assigned rows need. A captured graph must contain every
     path a later replay may need, so under capture (and in the warmup before it) all run."""
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        site.note_capture()
     return site.capture_paths() if capturing or every_path_active() else site.live_paths(batch)

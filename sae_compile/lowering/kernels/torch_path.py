@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import torch
 
-from ...activations import activate_, jumprelu_
+from ...activations import activate_, jumprelu_, layer_norm
 from ...runtime.state import SiteState
 
 
 def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
     """``x + add_vec[row]`` on steered tokens (``weight`` 1), ``x`` exactly elsewhere (``weight`` 0)."""
     return torch.addcmul(x, weight[..., None], site.add_vec[rows][:, None, :])  # [B, S, D]
+
+
+def layer_norm_in(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_n, mu, std)`` of ``x [..., D]`` for an SAE that layer-normalises its input
+    (``activations.layer_norm``), computed in at least fp32; ``x_n`` is returned in ``x``'s dtype,
+    the one the SAE paths run in, ``mu`` and ``std`` ``[..., 1]`` in the wider dtype."""
+    x_n, mu, std = layer_norm(x.to(torch.promote_types(x.dtype, torch.float32)))
+    return x_n.to(x.dtype), mu, std
+
+
+def layer_norm_out(
+    x: torch.Tensor, x_n: torch.Tensor, y_n: torch.Tensor, mu: torch.Tensor, std: torch.Tensor,
+    reconstruct: torch.Tensor, mask: torch.Tensor,
+) -> torch.Tensor:
+    """Map the SAE paths' output ``y_n`` (from ``x_n = LN(x)``) back to ``x``'s space.
+
+    ``reconstruct [B, S]`` tokens become ``y_n * std + mu`` (the decode of OpenAI's autoencoders);
+    the other ``mask [B, S]`` tokens ``x + std * (y_n - x_n)``: the delta the paths added in the
+    normalised space, ``(f' - f) @ W_dec``, scaled as their decode scales it. Tokens outside
+    ``mask`` are ``x`` exactly. ``x``, ``x_n``, ``y_n`` are ``[B, S, D]``; ``mu``, ``std`` ``[B, S, 1]``.
+    """
+    wide = mu.dtype
+    delta = torch.addcmul(x.to(wide), std, y_n.to(wide) - x_n.to(wide))  # [B, S, D]
+    rebuilt = torch.addcmul(mu, y_n.to(wide), std)  # [B, S, D]
+    out = torch.where(reconstruct[..., None], rebuilt, delta).to(x.dtype)
+    return torch.where(mask[..., None], out, x)
 
 
 # Batch rows per sparse-delta step. The step gathers each row's ``C`` encoder and decoder rows
