@@ -1,4 +1,4 @@
-"""The ``sae-compile`` command line: ``demo``, ``sites``, ``generate``, ``bench`` and ``serve``.
+"""The ``sae-compile`` command line: ``demo``, ``sites``, ``generate``, ``features``, ``bench`` and ``serve``.
 
 Each subcommand is a thin wrapper over the public API. Bad input (a malformed ``--clamp``, an
 unknown site, a missing file) is reported as one ``sae-compile: error: ...`` line on stderr
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -73,22 +74,15 @@ def _build_parser() -> argparse.ArgumentParser:
     sites.set_defaults(run=_sites)
 
     gen = commands.add_parser("generate", help="greedy generation with SAE steering")
-    gen.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with its tokenizer)")
-    gen.add_argument("--sae", help="SAE checkpoint: a local folder or file (SAELens, Gemma Scope, sparsify, "
-                     "dictionary_learning or Goodfire), hf://OWNER/NAME[@REV]/PATH on the Hugging Face Hub, "
-                     "or a SAELens release saelens://RELEASE/SAE_ID")
-    gen.add_argument("--clamp", action="append", default=[], type=_parse_clamp, metavar="SITE:FEATURE=VALUE[:MODE]",
-                     help="clamp an SAE feature; MODE is set (default), add or scale; repeatable")
-    gen.add_argument("--add-vector", action="append", default=[], type=_parse_add_vector, metavar="SITE:FILE[:SCALE]",
-                     help="add a 1-D vector (.pt, .safetensors or .npy) times SCALE at SITE; repeatable")
-    gen.add_argument("--reconstruct", action="append", default=[], type=sc.Reconstruct, metavar="SITE",
-                     help="replace SITE by its SAE reconstruction; repeatable")
-    gen.add_argument("--tokens", choices=("all", "prompt", "generated"), default="all", help="which positions are steered")
-    gen.add_argument("--prompt", required=True)
+    _add_model_and_steering(gen)
     gen.add_argument("--max-new-tokens", type=int, default=20)
-    gen.add_argument("--backend", default="inductor", help="inner compile backend (default: inductor)")
-    gen.add_argument("--device", default="cpu", help="torch device for the model and SAE (default: cpu)")
     gen.set_defaults(run=_generate)
+
+    features = commands.add_parser("features", help="each prompt token's top SAE features, as a table (or JSON)")
+    _add_model_and_steering(features)
+    features.add_argument("--top", type=int, default=10, help="features shown per token (default: 10)")
+    features.add_argument("--json", type=Path, metavar="FILE", help="also write the table's data to FILE as JSON")
+    features.set_defaults(run=_features)
 
     bench = commands.add_parser(
         "bench", help="run the overhead benchmark (source checkout only)",
@@ -99,6 +93,26 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_serve(commands)
     return parser
+
+
+def _add_model_and_steering(command: argparse.ArgumentParser) -> None:
+    """The model, SAE, prompt and steering options that generate and features share."""
+    command.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (with its tokenizer)")
+    command.add_argument("--sae", help="SAE checkpoint: a local folder or file (SAELens, Gemma Scope, sparsify, "
+                         "dictionary_learning or Goodfire), hf://OWNER/NAME[@REV]/PATH on the Hugging Face Hub, "
+                         "or a SAELens release saelens://RELEASE/SAE_ID")
+    command.add_argument("--clamp", action="append", default=[], type=_parse_clamp, metavar="SITE:FEATURE=VALUE[:MODE]",
+                         help="clamp an SAE feature; MODE is set (default), add or scale; repeatable")
+    command.add_argument("--add-vector", action="append", default=[], type=_parse_add_vector, metavar="SITE:FILE[:SCALE]",
+                         help="add a 1-D vector (.pt, .safetensors or .npy) times SCALE at SITE; repeatable")
+    command.add_argument("--reconstruct", action="append", default=[], type=sc.Reconstruct, metavar="SITE",
+                         help="replace SITE by its SAE reconstruction; repeatable")
+    command.add_argument("--steer", type=_parse_steering, metavar="JSON",
+                         help="a whole steering as JSON (Steering.to_json; see the README), applied with the flags above")
+    command.add_argument("--tokens", choices=("all", "prompt", "generated"), default="all", help="which positions are steered")
+    command.add_argument("--prompt", required=True)
+    command.add_argument("--backend", default="inductor", help="inner compile backend (default: inductor)")
+    command.add_argument("--device", default="cpu", help="torch device for the model and SAE (default: cpu)")
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -143,6 +157,13 @@ def _parse_clamp(text: str) -> sc.Clamp:
         raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
 
 
+def _parse_steering(text: str) -> sc.Steering:
+    try:
+        return sc.Steering.from_json(text)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--steer: {err}") from None
+
+
 def _parse_add_vector(text: str) -> tuple[str, Path, float]:
     """``SITE:FILE[:SCALE]`` -> ``(site, file, scale)``; a last part that is not a number belongs to FILE."""
     site, colon, rest = text.partition(":")
@@ -174,18 +195,8 @@ def _sites(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    # The small inputs are read first, so a bad path or flag fails before the model loads.
-    vectors = [sc.AddVector(site, _load_vector(file), scale) for site, file, scale in args.add_vector]
-    sae_edits = [*args.clamp, *args.reconstruct]
-    saes = {} if args.sae is None else _place_sae(args.sae, sae_edits, args.device)
-    if sae_edits and not saes:
-        raise ValueError("--clamp and --reconstruct edit SAE features, so they need --sae PATH.")
-    model = _load_model(args.model).to(args.device)
+    steered, saes, steering = _steered_from(args)
     tokenizer = _load_tokenizer(args.model)
-    # An SAE's site takes vectors too; steer() only needs the sites that have no SAE.
-    additive = [vector.site for vector in vectors if vector.site not in saes]
-    steered = sc.steer(model, saes, sites=additive, backend=args.backend)
-    steering = sc.Steering(*vectors, *sae_edits, tokens=args.tokens) if vectors or sae_edits else None
     batch = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     with torch.no_grad():
         out = steered.generate(
@@ -194,6 +205,61 @@ def _generate(args: argparse.Namespace) -> int:
         )
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    if args.sae is None:
+        raise ValueError("features reads an SAE's activations, so it needs --sae PATH.")
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}.")
+    steered, saes, steering = _steered_from(args, max_top_k=args.top)
+    (site, sae), = saes.items()
+    tokenizer = _load_tokenizer(args.model)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+    with torch.no_grad():
+        record = steered(ids, steering=steering, record=[sc.Features(site, top_k=min(args.top, sae.d_sae))]).features[site]
+    rows = _feature_rows(tokenizer.convert_ids_to_tokens(ids[0].tolist()), record)
+    print(f"features at {site} (top {record.values.shape[-1]} per token)")
+    print(_feature_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"site": site, "prompt": args.prompt, "tokens": rows}, indent=2) + "\n")
+    return 0
+
+
+def _feature_rows(tokens: list[str], record: sc.FeatureRecord) -> list[dict[str, object]]:
+    """One dict per token of batch row 0: its position, text, and ``[feature, value]`` pairs."""
+    indices, values = record.indices[0].tolist(), record.values[0].float().tolist()
+    return [
+        {"position": p, "token": token, "features": [[i, v] for i, v in zip(indices[p], values[p], strict=True) if i >= 0]}
+        for p, token in enumerate(tokens)
+    ]
+
+
+def _feature_table(rows: list[dict[str, object]]) -> str:
+    """The rows as aligned text: position, token, then ``feature=value`` columns."""
+    cells = [[str(r["position"]), repr(r["token"]), *(f"{i}={v:.3f}" for i, v in r["features"])] for r in rows]
+    header = ["pos", "token", *(f"#{n + 1}" for n in range(max(len(c) for c in cells) - 2))]
+    table = [header, *cells]
+    widths = [max(len(row[c]) for row in table if c < len(row)) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in table)
+
+
+def _steered_from(args: argparse.Namespace, max_top_k: int = 16) -> tuple[sc.SteeredModel, dict[str, sc.SAE], sc.Steering | None]:
+    """The steered model, its SAEs by site, and the steering the flags describe."""
+    # The small inputs are read first, so a bad path or flag fails before the model loads.
+    vectors = [sc.AddVector(site, _load_vector(file), scale) for site, file, scale in args.add_vector]
+    sae_edits = [*args.clamp, *args.reconstruct]
+    given = list(args.steer.edits) if args.steer is not None else []
+    saes = {} if args.sae is None else _place_sae(args.sae, sae_edits, args.device)
+    if sae_edits and not saes:
+        raise ValueError("--clamp and --reconstruct edit SAE features, so they need --sae PATH.")
+    model = _load_model(args.model).to(args.device)
+    edits = [*vectors, *sae_edits, *given]
+    # An SAE's site takes vectors too; steer() only needs the sites that have no SAE.
+    additive = list(dict.fromkeys(e.site for e in edits if isinstance(e, sc.AddVector) and e.site not in saes))
+    steered = sc.steer(model, saes, sites=additive, backend=args.backend, max_top_k=max(16, max_top_k))
+    tokens = args.steer.tokens if args.steer is not None and not (vectors or sae_edits) else args.tokens
+    return steered, saes, sc.Steering(*edits, tokens=tokens) if edits else None
 
 
 def _place_sae(path: str, sae_edits: list[sc.Clamp | sc.Reconstruct], device: str) -> dict[str, sc.SAE]:

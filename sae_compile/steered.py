@@ -14,9 +14,11 @@ import torch
 from torch import fx, nn
 
 from .edits import AddVector, Clamp, Reconstruct, Steering
+from .features import Features, RecordedSteps
 from .lowering.backend import InnerBackend, SteeringBackend, fresh_entry_point, resolve_inner_backend
 from .lowering.discovery import discover_sites
 from .lowering.sites import DecoderLayout, Site, SiteKind
+from .runtime.recording import RecordArg, Recording, RecordPlan, per_row_requests
 from .runtime.slots import SlotManager
 from .runtime.staging import SteeringArg, per_row_steerings
 from .runtime.state import Capacity, RoutingState, SiteState, allocate_sites, every_path
@@ -39,6 +41,7 @@ def steer(
     max_clamps: int = 16,
     max_batch: int = 32,
     max_tokens: int = 16384,
+    max_top_k: int = 16,
     on_graph: Callable[[fx.GraphModule], None] | None = None,
 ) -> SteeredModel:
     """Compile ``model`` so that the given sites can be steered without recompiling.
@@ -55,11 +58,12 @@ def steer(
     fragments, and a call raises if a fragment break hides one. ``max_rows`` (distinct
     steerings per forward, for ``steering=`` calls and for ``slots`` each), ``max_clamps``
     (clamped features per steering and site), ``max_batch`` and ``max_tokens`` (batch x
-    sequence per forward) size the static state. ``on_graph``, if given, is called with
+    sequence per forward) size the static state, and ``max_top_k`` each SAE site's feature
+    record (the largest ``top_k``, or dense list, that ``record=`` may ask for). ``on_graph``, if given, is called with
     every rewritten FX graph (to inspect what was inserted). With nothing attached, the
     result is plain ``torch.compile``. The model's weights and modules are not modified.
     """
-    capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens)
+    capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens, max_top_k=max_top_k)
     layout, available = discover_sites(model, fullgraph=fullgraph)
     attached = _attach(layout, available, _sae_by_site(saes), sites)
     _check_widths(attached, available)
@@ -181,7 +185,7 @@ def _resolve_attached(layout: DecoderLayout, available: Sites, attached: frozens
     if site not in attached:
         names = ", ".join(s.name for s in sorted(attached)) or "none"
         raise ValueError(
-            f"Site {name!r} ({site.name}) is not attached, so it cannot be steered. Attached sites: "
+            f"Site {name!r} ({site.name}) is not attached, so it cannot be steered or recorded. Attached sites: "
             f"{names}. Attaching a new site needs a new sc.steer() (one recompile)."
         )
     return site.name
@@ -245,6 +249,9 @@ class SteeredModel:
         self._call_ids: tuple[_CallRow, ...] = ()
         self._call_routed = False
         self._generator: nn.Module | None = None
+        by_name = self._by_name  # closed over instead of self: no reference cycle holds the model
+        recorders = {name: state.recorder for name, state in by_name.items() if state.recorder is not None}
+        self._recording = Recording(recorders, lambda name: by_name[name].d_sae, resolve)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -285,6 +292,8 @@ class SteeredModel:
         state = dict(self._routing.tensors())
         for site in sorted(self._states):
             state.update(self._states[site].tensors())
+            if self._states[site].recorder is not None:
+                state.update(self._states[site].recorder.tensors())
         return state
 
     def __call__(
@@ -293,6 +302,7 @@ class SteeredModel:
         attention_mask: torch.Tensor | None = None,
         *,
         steering: SteeringArg = None,
+        record: RecordArg = None,
         prompt_len: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -302,16 +312,27 @@ class SteeredModel:
         row) are "prompt". By default every token of a call on an empty cache is prompt,
         and every token of a call that continues a cache is generated. A cache length held
         on the device is used there, without a host sync.
+
+        ``record=`` (a list of ``sc.Features`` for every row, or one such list or None per
+        row) reads SAE features at attached sites, from the tensor arriving there (after
+        earlier sites' edits, before this site's own). The output then has a ``features``
+        attribute: ``{site: FeatureRecord}``, each holding the whole batch.
         """
         with self._lock:
             _require_no_grad("__call__")
             batch, seq = _batch_and_seq(input_ids, kwargs)
             past = _past_length(kwargs)
             per_row = per_row_steerings(steering, batch)
+            requests = per_row_requests(record, batch)
+            plans = self._record_plans(requests, kwargs.get("return_dict") is False, "return_dict=False")
             self._assign_call(per_row, _prompt_lens(prompt_len, batch, seq, past), seq)
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
-            return self._forward(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+            with self._recorded(plans):
+                out = self._forward(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+                if plans:
+                    out.features = self._recording.collect(batch, seq)
+            return out
 
     def step(
         self,
@@ -338,6 +359,7 @@ class SteeredModel:
         input_ids: torch.Tensor,
         *,
         steering: SteeringArg = None,
+        record: RecordArg = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -346,36 +368,76 @@ class SteeredModel:
         ``tokens="prompt"`` steers the ``input_ids`` positions; ``"generated"`` the new ones.
         All other arguments (generation config, streamer, sampling) are HF's. The wrapped
         model is not modified: generation runs on a shallow copy whose ``forward`` is steered.
+
+        ``record=`` (as for ``__call__``) records every forward, prompt and each generated
+        token, and returns HF's ``return_dict_in_generate`` output with ``features``: ``{site:
+        FeatureRecord}`` along the sequence axis of ``.sequences`` (the last generated token
+        is never fed back, so its position is padding). Beam search cannot record.
         """
         with self._lock:
             _require_no_grad("generate")
             batch, prompt_len = input_ids.shape
             per_row = per_row_steerings(steering, batch)
+            requests = per_row_requests(record, batch)
+            refused = kwargs.get("return_dict_in_generate") is False or _beams(kwargs, self.generation_config) > 1
+            plans = self._record_plans(requests, refused, "beam search or return_dict_in_generate=False")
             self._assign_call(per_row, [prompt_len] * batch, prompt_len)
-            forward = self._generation_forward(self._call_batch(per_row), prompt_len)
+            steps = RecordedSteps() if plans else None
+            forward = self._generation_forward(self._call_batch(per_row), prompt_len, requests, steps)
             kwargs.setdefault("disable_compile", True)
+            if plans:
+                kwargs["return_dict_in_generate"] = True
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask
             generator = self._generation_model()
-            with _forward_replaced(generator, forward):
-                return generator.generate(input_ids, **kwargs)
+            with _forward_replaced(generator, forward), self._recorded(plans):
+                out = generator.generate(input_ids, **kwargs)
+            if steps is not None:
+                out.features = steps.joined(out.sequences.shape[1])
+            return out
 
-    def _generation_forward(self, batch_ids: list[_CallRow | None], prompt_len: int) -> Callable[..., Any]:
+    def _generation_forward(
+        self, batch_ids: list[_CallRow | None], prompt_len: int, requests: list[tuple[Features, ...]], steps: RecordedSteps | None
+    ) -> Callable[..., Any]:
         batch, assigned = len(batch_ids), [len(batch_ids)]
 
         @functools.wraps(self.model.forward)
         def steered_forward(input_ids: torch.Tensor | None = None, *args: Any, **kw: Any) -> Any:
-            step_batch, _ = _batch_and_seq(input_ids, kw)
+            step_batch, seq = _batch_and_seq(input_ids, kw)
             if step_batch != assigned[0]:
-                # Beam search and num_return_sequences repeat each prompt row in place.
+                # num_return_sequences repeats each prompt row in place.
                 if step_batch % batch:
                     raise ValueError(f"generate: batch changed from {batch} to {step_batch} mid-generation.")
                 expand = step_batch // batch
                 self._calls.assign([r for r in batch_ids for _ in range(expand)], [prompt_len] * step_batch)
+                if steps is not None:
+                    self._recording.apply(self._recording.plans([r for r in requests for _ in range(expand)]))
                 assigned[0] = step_batch
-            return self._forward(input_ids, *args, **kw)
+            out = self._forward(input_ids, *args, **kw)
+            if steps is not None:
+                steps.add(self._recording.collect(step_batch, seq))
+            return out
 
         return steered_forward
+
+    def _record_plans(self, requests: list[tuple[Features, ...]], refused: bool, why: str) -> dict[str, RecordPlan]:
+        """The record plans of a call's per-row requests (validated; nothing is written yet)."""
+        plans = self._recording.plans(requests)
+        if plans and refused:
+            raise ValueError(f"record= needs an output to put the features on, which {why} does not give.")
+        return plans
+
+    @contextlib.contextmanager
+    def _recorded(self, plans: dict[str, RecordPlan]) -> Iterator[None]:
+        """Record ``plans`` in the forwards of this block; nothing is recorded after it."""
+        if not plans:
+            yield
+            return
+        self._recording.apply(plans)
+        try:
+            yield
+        finally:
+            self._recording.clear()
 
     def _generation_model(self) -> nn.Module:
         """A shallow copy of the model (same modules, parameters and config) to generate with."""
@@ -483,6 +545,11 @@ def _require_no_grad(method: str) -> None:
             f"SteeredModel.{method} called with gradients enabled. The steering op has no autograd "
             "formula, so backward would fail. Wrap the call in torch.no_grad() or torch.inference_mode()."
         )
+
+
+def _beams(kwargs: dict[str, Any], config: Any) -> int:
+    generation_config = kwargs.get("generation_config") or config
+    return int(kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1)
 
 
 def _batch_and_seq(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[int, int]:

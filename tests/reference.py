@@ -181,10 +181,20 @@ def _steer64(x: torch.Tensor, site: str, steering: Steering | None, sae: SAE | N
     if sae.d_in != d:
         raise ValueError(f"reference: SAE at {site} has d_in={sae.d_in}, the model's hidden size is {d}")
     f = sae_encode64(sae, x64)
+    f_new = _clamped64(f, clamps, sae.d_sae, site)
+    if reconstruct:
+        return sae_decode64(sae, f_new, x64)
+    w_dec = sae.W_dec.to(device=x.device, dtype=torch.float64)
+    delta = (f_new - f) @ w_dec
+    return x64 + (_layer_norm64(x64).std * delta if sae.layer_norm_input else delta)
+
+
+def _clamped64(f: torch.Tensor, clamps: list[Clamp], d_sae: int, site: str) -> torch.Tensor:
+    """A copy of ``f [..., d_sae]`` with ``clamps`` applied in edit order."""
     f_new = f.clone()
     for c in clamps:
-        if not 0 <= c.feature < sae.d_sae:
-            raise ValueError(f"reference: Clamp feature {c.feature} is outside [0, {sae.d_sae}) at {site}")
+        if not 0 <= c.feature < d_sae:
+            raise ValueError(f"reference: Clamp feature {c.feature} is outside [0, {d_sae}) at {site}")
         col = f_new[..., c.feature]
         if c.mode == "set":
             f_new[..., c.feature] = c.value
@@ -192,11 +202,7 @@ def _steer64(x: torch.Tensor, site: str, steering: Steering | None, sae: SAE | N
             f_new[..., c.feature] = col + c.value
         else:  # "scale"
             f_new[..., c.feature] = col * c.value
-    if reconstruct:
-        return sae_decode64(sae, f_new, x64)
-    w_dec = sae.W_dec.to(device=x.device, dtype=torch.float64)
-    delta = (f_new - f) @ w_dec
-    return x64 + (_layer_norm64(x64).std * delta if sae.layer_norm_input else delta)
+    return f_new
 
 
 def apply_steering_at_site(
@@ -470,6 +476,11 @@ def _branch_input_hooks(
 
 def site_activations(model: nn.Module, input_ids: torch.Tensor, site: str) -> torch.Tensor:
     """``[B, S, D]``: the tensor at ``site`` in one unsteered forward (what an SAE there encodes)."""
+    return _captured_at(model, site, lambda: model(input_ids, use_cache=False))
+
+
+def _captured_at(model: nn.Module, site: str, run: Any) -> torch.Tensor:
+    """The tensor at ``site`` during ``run()``, which runs one forward of ``model``."""
     layer, kind = _parse_site(canonical_site(model, site))
     block = _models.layer_module(model, layer)
     seen: dict[str, torch.Tensor] = {}
@@ -491,7 +502,7 @@ def site_activations(model: nn.Module, input_ids: torch.Tensor, site: str) -> to
     ]
     try:
         with torch.no_grad():
-            model(input_ids, use_cache=False)
+            run()
     finally:
         for h in handles:
             h.remove()
@@ -545,17 +556,34 @@ def reference_logits(
     with Clamp/Reconstruct edits. ``position_ids`` is passed through to the model (None:
     the model's default). Runs under ``torch.no_grad()`` with ``use_cache=False``.
     """
-    saes = dict(saes or {})
+    rows = [_canonical_steering(model, s) for s in normalize_steering(steering, input_ids.shape[0])]
+    with _steered(model, input_ids, saes, rows, attention_mask, prompt_len):
+        return model(**_forward_kwargs(input_ids, attention_mask, position_ids)).logits
+
+
+@contextmanager
+def _steered(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    saes: dict[str, SAE] | None,
+    rows: list[Steering | None],
+    attention_mask: torch.Tensor | None,
+    prompt_len: int | Sequence[int] | None,
+) -> Iterator[list[torch.Tensor]]:
+    """``rows`` (canonical) hooked on ``model`` under ``torch.no_grad()``; yields the row masks."""
     batch, seq_len = input_ids.shape
-    rows = [_canonical_steering(model, s) for s in normalize_steering(steering, batch)]
     masks = _row_masks(rows, seq_len, _prompt_lens(prompt_len, batch, seq_len), attention_mask)
+    with torch.no_grad(), steering_hooks(model, dict(saes or {}), rows, masks):
+        yield masks
+
+
+def _forward_kwargs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    with torch.no_grad(), steering_hooks(model, saes, rows, masks):
-        return model(**kwargs).logits
+    return kwargs
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -634,3 +662,58 @@ def steered_generation(
             yield
     finally:
         handle.remove()
+
+
+# --------------------------------------------------------------------------------------
+# Recording features
+# --------------------------------------------------------------------------------------
+
+_KIND_ORDER = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+
+
+def _forward_order(site: str) -> tuple[int, int]:
+    layer, kind = _parse_site(site)
+    return layer, _KIND_ORDER.index(kind)
+
+
+def _before(steering: Steering | None, site: str) -> Steering | None:
+    """``steering`` with only its edits at sites that come before ``site`` in forward order."""
+    if steering is None:
+        return None
+    edits = [e for e in steering.edits if _forward_order(e.site) < _forward_order(site)]
+    return Steering(*edits, tokens=steering.tokens) if edits else None
+
+
+def reference_features(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    site: str,
+    sae: SAE,
+    *,
+    saes: dict[str, SAE] | None = None,
+    steering: SteeringArg = None,
+    attention_mask: torch.Tensor | None = None,
+    prompt_len: int | Sequence[int] | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``f [B, S, d_sae]`` in float64: ``sae``'s activations of the tensor arriving at ``site``
+    in one steered forward, i.e. after the edits at earlier sites and before ``site``'s own.
+
+    Edits at ``site`` and later ones cannot change what arrives at ``site`` (they act after it,
+    at every position), so the forward runs with only the earlier sites' edits.
+    """
+    site = canonical_site(model, site)
+    rows = [_canonical_steering(model, s) for s in normalize_steering(steering, input_ids.shape[0])]
+    earlier = [_before(s, site) for s in rows]
+    kwargs = _forward_kwargs(input_ids, attention_mask, position_ids)
+    # The steering hooks go on first, so the capture hooks see the steered tensors.
+    with _steered(model, input_ids, saes, earlier, attention_mask, prompt_len):
+        x = _captured_at(model, site, lambda: model(**kwargs))
+    return sae_encode64(sae, x)
+
+
+def reference_top_k(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` ``[..., k]``: the ``k`` largest of ``f``, largest first, and among
+    equal values the lower index first (a stable sort of the descending values)."""
+    order = torch.sort(f, dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k]

@@ -9,6 +9,7 @@ generation has a known word to look for.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -22,12 +23,15 @@ import torch
 import sae_compile as sc
 from sae_compile import demo
 from sae_compile.checkpoints import save_sae
+from tests.factories import random_sae
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = demo.SITE
 PROMPT = demo.PROMPT
 BRIDGE, GOLDEN, _ = demo.CONCEPTS  # promoted by features 0 and 1
 TIMEOUT_S = 240
+EARLIER = "blocks.0.hook_resid_post"
+EARLIER_STEERING = sc.Steering(sc.AddVector(EARLIER, torch.linspace(-3.0, 3.0, 64)))
 
 
 def start(*args: str | Path) -> subprocess.Popen[str]:
@@ -85,6 +89,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     unplaced = sc.SAE(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, activation=sae.activation)
     save_sae(unplaced, root / "sae_unplaced")
     np.save(root / "golden.npy", sae.W_dec[1].numpy())
+    # The demo SAE's features stay silent on the prompt; this one fires on every token.
+    save_sae(random_sae(sae.d_in, 32, "relu", seed=3, hook_name=SITE), root / "sae_random")
     return root
 
 
@@ -107,6 +113,12 @@ def slow_runs(ckpt: Path) -> Iterator[dict[str, subprocess.Popen[str]]]:
                         "--reconstruct", SITE, "--prompt", PROMPT, "--max-new-tokens", "2", "--backend", "aot_eager"),
         "unknown_site": start("generate", "--model", model, "--sae", unplaced, "--prompt", PROMPT,
                               "--clamp", "blocks.7.hook_resid_post:0=1", "--backend", "aot_eager"),
+        "features": start("features", "--model", model, "--sae", ckpt / "sae_random", "--prompt", PROMPT, "--top", "3",
+                          "--json", ckpt / "features.json", "--backend", "aot_eager"),
+        # Steering an earlier site changes what arrives at SITE; SITE's own clamp does not.
+        "features_steered": start("features", "--model", model, "--sae", ckpt / "sae_random", "--prompt", PROMPT, "--top", "3",
+                                  "--steer", EARLIER_STEERING.to_json(), "--clamp", f"{SITE}:0=100",
+                                  "--json", ckpt / "features_steered.json", "--backend", "aot_eager"),
     }
     yield runs
     for process in runs.values():
@@ -226,3 +238,49 @@ def test_serve_checks_its_own_arguments_first(tmp_path: Path) -> None:
 
 def test_only_bench_and_serve_pass_arguments_on(tmp_path: Path) -> None:
     assert_user_error(cli("sites", tmp_path, "--", "--port", "1"), "only bench and serve")
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+def expected_top(ckpt: Path, steering: sc.Steering | None) -> tuple[list[list[int]], torch.Tensor]:
+    """The reference's top-3 features per prompt token at SITE (fp64), and its values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.reference import reference_features, reference_top_k
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model").eval()
+    ids = AutoTokenizer.from_pretrained(ckpt / "model")(PROMPT, return_tensors="pt").input_ids
+    f = reference_features(model, ids, SITE, sc.SAE.load(ckpt / "sae_random"), steering=steering)
+    values, indices = reference_top_k(f[0], 3)
+    return indices.tolist(), values
+
+
+@pytest.mark.parametrize(("run", "steering"), [("features", None), ("features_steered", EARLIER_STEERING)])
+def test_features_prints_and_writes_each_tokens_top_features(
+    slow_runs: dict[str, subprocess.Popen[str]], ckpt: Path, run: str, steering: sc.Steering | None
+) -> None:
+    result = finish(slow_runs[run])
+    assert result.returncode == 0, result.stderr
+    data = json.loads((ckpt / f"{run}.json").read_text())
+    indices, values = expected_top(ckpt, steering)
+    assert bool((values > 0).all())
+    if steering is not None:
+        assert indices != expected_top(ckpt, None)[0], "steering the earlier site must change the features"
+    assert data["site"] == SITE and [t["position"] for t in data["tokens"]] == list(range(len(indices)))
+    assert [[i for i, _ in t["features"]] for t in data["tokens"]] == indices
+    got = torch.tensor([[v for _, v in t["features"]] for t in data["tokens"]], dtype=torch.float64)
+    assert torch.allclose(got, values, rtol=1e-4, atol=1e-5)
+    lines = result.stdout.strip().splitlines()
+    assert lines[1].split() == ["pos", "token", "#1", "#2", "#3"]
+    assert len(lines) == 2 + len(indices)
+    first = lines[2].split()
+    assert first[0] == "0" and first[2] == f"{indices[0][0]}={values[0, 0]:.3f}"
+
+
+def test_features_without_an_sae_is_a_user_error() -> None:
+    assert_user_error(cli("features", "--model", "nowhere", "--prompt", "x"), "needs --sae")
+
+
+def test_features_checks_its_steering_json(ckpt: Path) -> None:
+    assert_user_error(cli("features", "--model", ckpt / "model", "--sae", ckpt / "sae", "--prompt", "x", "--steer", "{"), "--steer")

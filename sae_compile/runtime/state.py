@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sae import SAE
+from .recording import SiteRecorder
 
 NO_STEERING_ROW = 0
 
@@ -40,6 +41,7 @@ class Capacity:
 
     ``with_call_rows`` says whether the tables hold rows for ``steering=`` on a call beside the slot
     rows (``SteeredModel`` does; an engine, whose every request is a slot, does not).
+    ``max_top_k`` sizes each SAE site's feature-record buffers (0: no recording).
     """
 
     max_rows: int = 8
@@ -47,14 +49,15 @@ class Capacity:
     max_batch: int = 32
     max_tokens: int = 16384
     with_call_rows: bool = True
+    max_top_k: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_rows", "max_clamps", "max_batch", "max_tokens"):
+        for name in ("max_rows", "max_clamps", "max_batch", "max_tokens", "max_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"steer(): {name} must be an int, got {type(value).__name__}.")
-            if value < 1:
-                raise ValueError(f"steer(): {name} must be at least 1, got {value}.")
+            if value < (0 if name == "max_top_k" else 1):
+                raise ValueError(f"steer(): {name} must be at least {0 if name == 'max_top_k' else 1}, got {value}.")
 
     @property
     def table_rows(self) -> int:
@@ -100,6 +103,7 @@ class RoutingState:
         self.row_scope = torch.zeros(capacity.table_rows, dtype=torch.long, device=device)
         self.token_mask = torch.zeros(capacity.max_tokens, dtype=torch.bool, device=device)
         self.token_weight = torch.zeros(capacity.max_tokens, dtype=dtype, device=device)
+        self.token_valid = torch.ones(capacity.max_tokens, dtype=torch.bool, device=device)
         self.token_rows = torch.zeros(capacity.max_tokens, dtype=torch.long, device=device)
         self.token_prompt_len = torch.zeros(capacity.max_tokens, dtype=torch.long, device=device)
         self._token_layout: tuple | None = None  # what token_rows and token_prompt_len hold
@@ -171,10 +175,14 @@ class RoutingState:
         rows = self.batch_rows[:batch]  # [B]
         in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
         mask = _scope_mask(self.row_scope[rows][:, None], in_prompt)  # [B, S]
+        valid = self.valid(batch, seq)
         if attention_mask is not None and attention_mask.dim() == 2:
             # Padding is never steered. (A 4-D mask, as static-cache generation passes, has no
             # per-token padding column to read; a pad token's own output is unused anyway.)
-            mask = mask & (attention_mask[:, -seq:] != 0)
+            valid.copy_(attention_mask[:, -seq:] != 0)
+            mask = mask & valid
+        else:
+            valid.fill_(True)
         _, token_mask, token_weight = self.view(batch, seq)
         token_mask.copy_(mask)
         token_weight.copy_(mask)
@@ -218,6 +226,10 @@ class RoutingState:
             expanded = torch.repeat_interleave(torch.tensor(list(values), dtype=torch.long), counts)  # [N - padding]
             buffer[:tokens].copy_(torch.cat([expanded, torch.zeros(padding, dtype=torch.long)]), non_blocking=True)
 
+    def valid(self, batch: int, seq: int) -> torch.Tensor:
+        """``[B, S]``: which tokens of the routed ``[batch, seq]`` forward are not padding."""
+        return self.token_valid[: batch * seq].view(batch, seq)
+
     def view_tokens(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a token-major forward of ``tokens`` tokens: rows ``[N]``, mask ``[N, 1]`` and weight
         ``[N, 1]``, the shapes of a ``[N, 1]`` batch, so every steering path serves both forms."""
@@ -235,7 +247,10 @@ class RoutingState:
         return self.token_mask.is_cuda and torch.cuda.is_current_stream_capturing()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight", "token_rows", "token_prompt_len")
+        names = (
+            "batch_rows", "batch_prompt_len", "row_scope", "token_mask", "token_weight", "token_valid", "token_rows",
+            "token_prompt_len",
+        )
         return {f"routing.{name}": getattr(self, name) for name in names}
 
 
@@ -349,6 +364,7 @@ class SiteState:
         self._paths: tuple[tuple[int, int, int], Paths] | None = None
         self.broken: str | None = None
         self.handle: str | None = None  # set by register_site
+        self.recorder: SiteRecorder | None = None  # set by allocate_sites when recording is sized
         if sae is not None:
             self._load_sae(sae)
 
@@ -639,5 +655,7 @@ def allocate_sites(
         name: SiteState(name, widths[name], sae, capacity, routing, dtype, device) for name, sae in saes.items()
     }
     for name, state in states.items():
+        if capacity.max_top_k and state.has_sae:
+            state.recorder = SiteRecorder(name, capacity.max_tokens, capacity.max_batch, capacity.max_top_k, dtype, device)
         register_site(f"{prefix}:{name}", state)
     return routing, states, prefix

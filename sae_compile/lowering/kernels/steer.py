@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from ...runtime.state import Paths, SiteState, every_path_active
-from . import torch_path, triton_sae
+from . import record, torch_path, triton_sae
 
 
 def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
@@ -42,6 +42,8 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     if x.dim() == 2:
         return _steer_tokens(x, site)
     batch, seq, _ = x.shape
+    if site.recorder is not None and site.recorder.plan is not None:
+        record.record_site(x, site, site.routing.valid(batch, seq))
     return _steer_rows(x, site, *site.routing.view(batch, seq))
 
 

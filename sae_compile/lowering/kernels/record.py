@@ -1,0 +1,75 @@
+"""Recording a site's SAE features inside the steering op, before the site's own edits.
+
+For the batch rows a site's ``RecordPlan`` names, and only for them, the op runs the full
+encode ``f = act(x @ W_enc + b_enc)`` (``b_dec`` folded into ``b_enc`` as for steering; ``x``
+layer-normalised first for an SAE with ``layer_norm_input``) a chunk of tokens at a time, then keeps each token's ``width`` largest (top-k) or the dense
+request's columns, and writes them into the site's static record buffers. Every other
+entry of the ``[B, S, width]`` record is padding: value 0 and, for top-k, index -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...activations import activate_, top_k_indices
+from ...features import PAD_INDEX
+from ...runtime.recording import SiteRecorder
+from ...runtime.state import SiteState
+from . import torch_path
+
+# Tokens per encode step: bounds the [tokens, F] scratch as the full steering path does.
+RECORD_CHUNK = 256
+
+
+def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor) -> None:
+    """Write the record of ``x [B, S, D]`` (the tensor arriving at ``site``) into its recorder;
+    ``valid [B, S]`` marks the tokens that are not padding."""
+    recorder = site.recorder
+    assert recorder is not None and recorder.plan is not None
+    batch, seq, d = x.shape
+    count = len(recorder.plan.rows)
+    rows = recorder.batch_index[:count]  # [R]
+    tokens = x.index_select(0, rows).reshape(count * seq, d)  # [R*S, D]
+    if site.layer_norm_input:
+        tokens = torch_path.layer_norm_in(tokens)[0]
+    widths = recorder.row_width[:count].repeat_interleave(seq)  # [R*S]
+    keep = valid.index_select(0, rows).reshape(-1)  # [R*S]
+    values, indices = recorder.output(batch, seq)
+    values.zero_()
+    indices.fill_(PAD_INDEX)
+    for start in range(0, count * seq, RECORD_CHUNK):
+        span = slice(start, start + RECORD_CHUNK)
+        chunk_values, chunk_indices = _record_tokens(tokens[span], site, recorder)
+        pad = ~keep[span, None] | (torch.arange(chunk_values.shape[1], device=x.device) >= widths[span, None])
+        _scatter_rows(values, chunk_values.masked_fill_(pad, 0), rows, seq, start)
+        _scatter_rows(indices, chunk_indices.masked_fill_(pad, PAD_INDEX), rows, seq, start)
+
+
+def _record_tokens(x: torch.Tensor, site: SiteState, recorder: SiteRecorder) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [n, width], indices [n, width])`` of the tokens ``x [n, D]``."""
+    features = site.d_sae
+    f = activate_(torch.addmm(site.b_enc[:features], x, site.W_enc[:, :features]), site.activation, site.threshold[:features], site.k)
+    plan = recorder.plan
+    assert plan is not None
+    if plan.features is not None:
+        indices = recorder.dense_features[: plan.width].expand(x.shape[0], -1)  # [n, width]
+        return f.gather(1, indices), indices.clone()
+    return top_k_sorted(f, plan.width)
+
+
+def top_k_sorted(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of the non-negative ``f [n, F]`` and their indices, largest first and
+    the lower index first among equal values; at a tie on the k-th value the lower indices
+    are the ones kept (``top_k_indices``'s rule)."""
+    indices = top_k_indices(f, k).sort(dim=1).values  # [n, k], ascending index
+    values = f.gather(1, indices)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def _scatter_rows(out: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, seq: int, start: int) -> None:
+    """Write the chunk of recorded tokens ``start ..`` (row-major over the recording rows, each
+    ``seq`` tokens long) into ``out [B, S, width]`` at the rows ``rows`` hold."""
+    flat_positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)  # [n]
+    batch_rows = rows.index_select(0, flat_positions // seq)  # [n]
+    out[batch_rows, flat_positions % seq] = chunk.to(out.dtype)
