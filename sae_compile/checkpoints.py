@@ -809,15 +809,24 @@ def _dictionary_matrices(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W_enc [D, F]``, ``W_dec [F, D]``, ``b_enc [F]``; nn.Linear weights as transposed views, no copy."""
     if linear:
-        return (
-            w.tensor("encoder.weight", (d_sae, d_in), "[dict_size, activation_dim], nn.Linear layout").T,
-            w.tensor("decoder.weight", (d_in, d_sae), "[activation_dim, dict_size], nn.Linear layout").T,
-            w.tensor("encoder.bias", (d_sae,), "[dict_size]"),
-        )
+        return _linear_sae(w, ("encoder.weight", "decoder.weight", "encoder.bias"), d_in, d_sae)
     return (
         w.tensor("W_enc", (d_in, d_sae), "[activation_dim, dict_size]"),
         w.tensor("W_dec", (d_sae, d_in), "[dict_size, activation_dim]"),
         w.tensor("b_enc", (d_sae,), "[dict_size]"),
+    )
+
+
+def _linear_sae(
+    w: _Weights, keys: tuple[str, str, str], d_in: int, d_sae: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W_enc [D, F]``, ``W_dec [F, D]``, ``b_enc [F]`` from nn.Linear weights ``keys`` = (encoder
+    ``[F, D]``, decoder ``[D, F]``, encoder bias ``[F]``); the matrices as transposed views, no copy."""
+    encoder, decoder, bias = keys
+    return (
+        w.tensor(encoder, (d_sae, d_in), "[d_sae, d_in], nn.Linear layout").T,
+        w.tensor(decoder, (d_in, d_sae), "[d_in, d_sae], nn.Linear layout").T,
+        w.tensor(bias, (d_sae,), "[d_sae]"),
     )
 
 
@@ -864,10 +873,10 @@ def _load_goodfire(weights_file: Path, layer: int | None, reading: _Reading) -> 
     """
     with _open_weights(weights_file, reading) as weights:
         d_sae, d_in = _matrix_shape(weights, "encoder_linear.weight", "Goodfire stores it as nn.Linear [d_sae, d_in].")
+        keys = ("encoder_linear.weight", "decoder_linear.weight", "encoder_linear.bias")
+        W_enc, W_dec, b_enc = _linear_sae(weights, keys, d_in, d_sae)
         return Checkpoint(
-            W_enc=weights.tensor("encoder_linear.weight", (d_sae, d_in), "[d_sae, d_in], nn.Linear layout").T,
-            W_dec=weights.tensor("decoder_linear.weight", (d_in, d_sae), "[d_in, d_sae], nn.Linear layout").T,
-            b_enc=weights.tensor("encoder_linear.bias", (d_sae,), "[d_sae]"),
+            W_enc=W_enc, W_dec=W_dec, b_enc=b_enc,
             b_dec=weights.tensor("decoder_linear.bias", (d_in,), "[d_in]"),
             activation="relu", threshold=None, k=None,
             apply_b_dec_to_input=False,  # Goodfire encodes x itself
@@ -916,10 +925,9 @@ def _load_openai(weights_file: Path, layer: int | None, reading: _Reading) -> Ch
     act, k_value, normalize = _openai_activation(activation, options, weights_file)
     weights = _Weights(weights_file, set(tensors), tensors.__getitem__, (), reading)
     d_sae, d_in = _matrix_shape(weights, "encoder.weight", "OpenAI stores it as nn.Linear [n_latents, n_inputs].")
+    W_enc, W_dec, b_enc = _linear_sae(weights, ("encoder.weight", "decoder.weight", "latent_bias"), d_in, d_sae)
     return Checkpoint(
-        W_enc=weights.tensor("encoder.weight", (d_sae, d_in), "[n_latents, n_inputs], nn.Linear layout").T,
-        W_dec=weights.tensor("decoder.weight", (d_in, d_sae), "[n_inputs, n_latents], nn.Linear layout").T,
-        b_enc=weights.tensor("latent_bias", (d_sae,), "[n_latents]"),
+        W_enc=W_enc, W_dec=W_dec, b_enc=b_enc,
         b_dec=weights.tensor("pre_bias", (d_in,), "[n_inputs]"),
         activation=act, threshold=None,
         k=None if k_value is None else _topk_k(k_value, d_sae, weights_file, "activation_state_dict.k"),
@@ -1007,12 +1015,10 @@ def _load_llama_scope(weights_file: Path, layer: int | None, reading: _Reading) 
     spec = _llama_scope_spec(_read_json(cfg_file), cfg_file)
     d, f = spec.d_model, spec.d_sae
     with _open_weights(weights_file, reading) as weights:
-        encoder = weights.tensor("encoder.weight", (f, d), "[d_sae, d_model] from hyperparams.json, nn.Linear layout")
-        b_enc = weights.tensor("encoder.bias", (f,), "[d_sae]")
-        decoder = weights.tensor("decoder.weight", (d, f), "[d_model, d_sae] from hyperparams.json, nn.Linear layout")
+        W_enc, W_dec, b_enc = _linear_sae(weights, ("encoder.weight", "decoder.weight", "encoder.bias"), d, f)
         # use_decoder_bias=False: the nn.Linear decoder has no bias, the same as a zero one.
-        b_dec = weights.tensor("decoder.bias", (d,), "[d_model]") if spec.decoder_bias else encoder.new_zeros(d)
-    W_enc, b_enc, W_dec, b_dec = _fold_llama_scope(encoder, b_enc, decoder, b_dec, spec)
+        b_dec = weights.tensor("decoder.bias", (d,), "[d_model]") if spec.decoder_bias else W_enc.new_zeros(d)
+    W_enc, b_enc, W_dec, b_dec = _fold_llama_scope(W_enc, b_enc, W_dec, b_dec, spec)
     return Checkpoint(
         W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=b_dec,
         activation=spec.activation,
@@ -1023,9 +1029,10 @@ def _load_llama_scope(weights_file: Path, layer: int | None, reading: _Reading) 
 
 
 def _fold_llama_scope(
-    encoder: torch.Tensor, b_enc: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor, spec: _LlamaScope
+    W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, spec: _LlamaScope
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``W_enc [D, F]``, ``b_enc [F]``, ``W_dec [F, D]``, ``b_dec [D]`` from the stored nn.Linear weights.
+    """``W_enc [D, F]``, ``b_enc [F]``, ``W_dec [F, D]``, ``b_dec [D]`` as the library uses them, from
+    the stored weights (``W_enc = E.T``, ``W_dec = D.T`` of its nn.Linear ``E`` and ``D``).
 
     1. ``standardize_parameters_of_dataset_activation_scaling``: the input is used unscaled, so
        ``b_e / s_in``, ``b_d / s_out``, ``D * s_in / s_out`` (``s = sqrt(d_model) / norm``).
@@ -1035,18 +1042,18 @@ def _fold_llama_scope(
        zero decoder and gets a zero encoder: it never fires and writes nothing.
     Computed in at least fp32 (the library does it in the stored dtype), then cast back.
     """
-    dtype = encoder.dtype
+    dtype = W_enc.dtype
     work = torch.promote_types(dtype, torch.float32)
     b_enc = b_enc.to(work) / spec.in_factor  # [F]
     b_dec = b_dec.to(work) / spec.out_factor  # [D]
-    decoder = decoder.to(work) * (spec.in_factor / spec.out_factor)  # [D, F]
-    encoder = encoder.to(work)  # [F, D]
+    W_dec = W_dec.to(work) * (spec.in_factor / spec.out_factor)  # [F, D]
+    W_enc = W_enc.to(work)  # [D, F]
     if spec.unit_decoder:
-        norm = decoder.norm(dim=0)  # [F]
-        decoder = decoder / torch.where(norm > 0, norm, 1.0)
-        encoder = encoder * norm[:, None]
+        norm = W_dec.norm(dim=1)  # [F], each feature's decoder norm
+        W_dec = W_dec / torch.where(norm > 0, norm, 1.0)[:, None]
+        W_enc = W_enc * norm
         b_enc = b_enc * norm
-    return encoder.T.to(dtype), b_enc.to(dtype), decoder.T.to(dtype), b_dec.to(dtype)
+    return W_enc.to(dtype), b_enc.to(dtype), W_dec.to(dtype), b_dec.to(dtype)
 
 
 def _llama_scope_spec(cfg: Mapping[str, Any], cfg_file: Path) -> _LlamaScope:

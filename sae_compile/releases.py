@@ -18,9 +18,9 @@ checks every entry against the installed SAELens directory. It holds:
   deduped ``pythia-70m-deduped-{res,mlp,att}-sm``: every id.
 
 Which format a release is in is not looked up: ``SAE.from_pretrained`` detects it from the folder's
-files, as ``SAE.load`` does for a local folder; a release in a format it does not read (Llama Scope's
-``hyperparams.json`` + ``checkpoints/final.safetensors``, as of this writing) resolves, and then fails
-there with the folder's files named.
+files, as ``SAE.load`` does for a local folder (Llama Scope's ``hyperparams.json`` +
+``checkpoints/final.safetensors`` included); a release in a format it does not read resolves, and then
+fails there with the folder's files named.
 """
 
 from __future__ import annotations

@@ -150,23 +150,31 @@ def test_a_pth_without_goodfire_keys_is_an_unknown_layout(tmp_path) -> None:
     assert str(file) in str(err.value) and "'W'" in str(err.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00not a torch file\xff" * 8])
-def test_a_corrupt_pth_names_the_file(tmp_path, content) -> None:
-    file = tmp_path / RELEASE_NAME
-    file.write_bytes(content)
-    with pytest.raises(ValueError, match="cannot be read as a state dict") as err:
+class TouchOnUnpickle:
+    """Pickles as a call that creates ``marker``: unpickling it would run code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def assert_load_fails_naming(file: Path, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as err:
         SAE.load(file)
     assert str(file) in str(err.value)
 
 
+@pytest.mark.parametrize("content", [b"", b"\x00not a torch file\xff" * 8])
+def test_a_corrupt_pth_names_the_file(tmp_path, content) -> None:
+    file = tmp_path / RELEASE_NAME
+    file.write_bytes(content)
+    assert_load_fails_naming(file, "cannot be read as a state dict")
+
+
 def test_a_pickled_object_is_never_unpickled(tmp_path) -> None:
     marker = tmp_path / "ran"
-
-    class _TouchOnUnpickle:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    file = write_goodfire(tmp_path / RELEASE_NAME, {**goodfire_state(), "extra": _TouchOnUnpickle()})
-    with pytest.raises(ValueError, match="never unpickled"):
-        SAE.load(file)
+    file = write_goodfire(tmp_path / RELEASE_NAME, {**goodfire_state(), "extra": TouchOnUnpickle(marker)})
+    assert_load_fails_naming(file, "never unpickled")
     assert not marker.exists()

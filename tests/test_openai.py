@@ -40,6 +40,7 @@ from tests.factories import assert_rel_close, random_sae, rel_err
 from tests.models import make_model
 from tests.reference import apply_steering_at_site, reference_logits, token_scope_mask
 from tests.test_checkpoints import assert_names, assert_same_sae
+from tests.test_goodfire import TouchOnUnpickle, assert_load_fails_naming
 
 D_IN, D_SAE, K = 32, 96, 8
 LAYER = 1
@@ -204,21 +205,13 @@ def test_a_corrupt_file_names_the_file(tmp_path, content) -> None:
     file = tmp_path / RELEASE
     file.parent.mkdir(parents=True)
     file.write_bytes(content)
-    with pytest.raises(ValueError, match="cannot be read as a state dict") as err:
-        SAE.load(file)
-    assert str(file) in str(err.value)
+    assert_load_fails_naming(file, "cannot be read as a state dict")
 
 
 def test_a_pickled_object_is_never_unpickled(tmp_path) -> None:
     marker = tmp_path / "ran"
-
-    class _TouchOnUnpickle:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    file = write_openai(tmp_path / RELEASE, _with("activation_state_dict", _TouchOnUnpickle()))
-    with pytest.raises(ValueError, match="never unpickled"):
-        SAE.load(file)
+    file = write_openai(tmp_path / RELEASE, _with("activation_state_dict", TouchOnUnpickle(marker)))
+    assert_load_fails_naming(file, "never unpickled")
     assert not marker.exists()
 
 
