@@ -316,6 +316,24 @@ def test_op_matches_the_reference_and_leaves_unsteered_tokens_exact(activation, 
             assert rel_err(out[b][scope], x[b][scope]) > 1e-3
 
 
+def test_bf16_site_within_its_rounding() -> None:
+    """A bf16 model: the LN statistics in fp32, the SAE paths in bf16, unsteered tokens exact. ReLU,
+    whose output does not jump on a rounding-sized change of the input as JumpReLU/TopK can."""
+    sae = ln_sae(random_sae(D_IN, D_SAE, "relu", seed=2, apply_b_dec_to_input=True)).to(torch.bfloat16)
+    state = SiteState(OP_SITE, D_IN, sae, CAPACITY, RoutingState(CAPACITY, torch.bfloat16, torch.device("cpu")),
+                      torch.bfloat16, torch.device("cpu"))
+    rows, seq, prompt_len = _op_rows(3), 6, 4
+    _route(state, rows, seq, prompt_len)
+    x = _x(4 * seq).view(4, seq, D_IN).bfloat16()
+    out = steer_site(x, state)
+    for b, steering in enumerate(rows):
+        scope = token_scope_mask(steering.tokens, seq, prompt_len) if steering else torch.zeros(seq, dtype=torch.bool)
+        assert torch.equal(out[b][~scope], x[b][~scope])
+        if scope.any():
+            expected = apply_steering_at_site(x[b], OP_SITE, steering, sae, scope)
+            assert_rel_close(out[b][scope].float(), expected[scope].float(), 2e-2)
+
+
 def test_a_clamp_adds_std_times_the_decoded_delta() -> None:
     """Error kept: OpenAI's decode of f' minus its decode of f, ``std * (f' - f) @ W_dec``."""
     sae = ln_sae(random_sae(D_IN, D_SAE, "relu", seed=4))
