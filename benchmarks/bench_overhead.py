@@ -16,6 +16,10 @@ decode-step latency on a static KV cache, and prefill throughput at 8x128. Confi
       own weights evict the SAE's, so af - a is what the SAE arithmetic costs in a step
   af1 the same with one row's tokens: what c1 cannot avoid. At decode the matmuls mostly
       read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about (af1-a)/(af-a)
+  s0  compiled, steered model called through ``__call__`` (the path ``record=`` takes), nothing steered
+  r8  the same, recording the top 16 features of all 8 rows (``record=[sc.Features(SITE, top_k=16)]``)
+  ae  the compiled unsteered step followed by the bare encode matmul (``x @ W_enc + b_enc``) of the
+      same tokens: (r8-s0)/(ae-a) is what reading features costs in a step, per encode it needs
 
 Everything is measured in one run, in rounds: each round times every configuration (a
 block of back-to-back decode steps, or one prefill) in a fresh random order, after an
@@ -87,6 +91,11 @@ def sae_matmuls(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(sae.b_dec, torch.addmm(sae.b_enc, x, sae.W_enc), sae.W_dec)
 
 
+def encode_matmul(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
+    """The encode alone: ``x @ W_enc + b_enc`` for ``x [n, D]``."""
+    return torch.addmm(sae.b_enc, x, sae.W_enc)
+
+
 def then(step: Callable[[], object], fn: Callable[..., object], *args: object) -> object:
     """``step()``, then ``fn(*args)``."""
     step()
@@ -135,7 +144,9 @@ def run(args: argparse.Namespace) -> dict:
     hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
     configs["e"] = (torch.compile(hooked_model, mode=mode, dynamic=False), None)
     configs["d"] = (hooked_model, None)
-    configs["af"] = configs["af1"] = (plain, None)  # the SAE matmuls are added below; own decode caches
+    configs["af"] = configs["af1"] = configs["ae"] = (plain, None)  # matmuls added below; own decode caches
+    configs["s0"] = (steered, "call")
+    configs["r8"] = (steered, [sc.Features(SITE, top_k=16)])
     prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
     step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
@@ -143,6 +154,9 @@ def run(args: argparse.Namespace) -> dict:
         fn, requests = configs[name]
         if fn is not steered:
             return fn
+        if requests == "call" or isinstance(requests[0], sc.Features):
+            record = None if requests == "call" else requests
+            return lambda *args, **kwargs: steered(*args, record=record, **kwargs)
 
         def steered_step(*args: object, **kwargs: object) -> object:
             steered.slots.assign(requests)
@@ -177,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
             steps[phase]["f"] = functools.partial(sae_matmuls, sae, tokens)
             steps[phase]["af"] = functools.partial(then, steps[phase]["af"], sae_matmuls, sae, tokens)
             steps[phase]["af1"] = functools.partial(then, steps[phase]["af1"], sae_matmuls, sae, x[0])
+            steps[phase]["ae"] = functools.partial(then, steps[phase]["ae"], encode_matmul, sae, tokens)
         for phase, fns in steps.items():
             for name, fn in fns.items():
                 print(f"warming up {phase} {name} ...", flush=True)
@@ -224,7 +239,7 @@ def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str],
                 print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
-RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c8-a)/(af-a)", "(c1-a)/(c8-a)", "(af1-a)/(af-a)")
+RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c8-a)/(af-a)", "(c1-a)/(c8-a)", "(af1-a)/(af-a)", "(r8-s0)/(ae-a)")
 
 
 def ratios(m: dict[str, float]) -> dict[str, float]:
@@ -237,6 +252,7 @@ def ratios(m: dict[str, float]) -> dict[str, float]:
         "(c8-a)/(af-a)": (m["c8"] - m["a"]) / (m["af"] - m["a"]),
         "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
         "(af1-a)/(af-a)": (m["af1"] - m["a"]) / (m["af"] - m["a"]),
+        "(r8-s0)/(ae-a)": (m["r8"] - m["s0"]) / (m["ae"] - m["a"]),
     }
 
 
@@ -245,6 +261,7 @@ TARGETS = {
     ("decode", "(c8-a)/f"): ("<=", 1.25), ("prefill", "(c8-a)/f"): ("<=", 1.25),
     ("decode", "(c8-a)/(af-a)"): ("<=", 1.25), ("prefill", "(c8-a)/(af-a)"): ("<=", 1.25),
     ("decode", "(c1-a)/(c8-a)"): ("<=", 0.25), ("prefill", "(c1-a)/(c8-a)"): ("<=", 0.25),
+    ("decode", "(r8-s0)/(ae-a)"): ("<=", 1.25), ("prefill", "(r8-s0)/(ae-a)"): ("<=", 1.25),
 }
 
 

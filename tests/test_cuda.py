@@ -143,3 +143,20 @@ def test_warmup_prepares_every_path_a_batch1_capture_holds(setup) -> None:
     tokens = torch.cat([prompt, step_ids], dim=1)
     expected = reference_logits(model, tokens, saes=saes, steering=reconstruct, prompt_len=PROMPT)[:, -1]
     assert_rel_close(out.logits[:, -1], expected, 1e-4)
+
+
+def test_recording_on_cuda_matches_the_reference_and_refuses_capture(setup) -> None:
+    """Outside a CUDA graph, top-k features on the GPU equal the reference's; inside a capture,
+    recording raises instead of freezing this forward's rows into every replay."""
+    from tests.reference import reference_features, reference_top_k
+
+    model, saes = setup
+    steered = sc.steer(model, saes, max_batch=BATCH, backend="aot_eager")
+    ids = torch.randint(3, 97, (BATCH, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    with torch.no_grad():
+        record = steered(ids, steering=STEERINGS[0], record=[sc.Features(MLP, top_k=4)]).features[MLP]
+    values, indices = reference_top_k(reference_features(model, ids, MLP, saes[MLP], saes=saes, steering=STEERINGS[0]), 4)
+    assert torch.equal(record.indices, indices)
+    assert_rel_close(record.values, values.float(), 1e-4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="captured CUDA graph"):
+        capture(lambda: steered(ids, record=[sc.Features(MLP, top_k=4)]), warmup=1)

@@ -52,6 +52,9 @@ class SiteRecorder:
         self.row_width = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.dense_features = torch.zeros(max_top_k, dtype=torch.long, device=device)
         self.plan: RecordPlan | None = None
+        # Set by the op when it writes the buffers. A replayed CUDA graph runs no Python, so a
+        # forward that should have recorded and left this unset replayed a graph instead.
+        self.wrote = False
 
     def check(self, request: Features, d_sae: int) -> None:
         """ValueError unless ``request`` fits this site's SAE (``d_sae`` features) and buffers."""
@@ -89,6 +92,13 @@ class SiteRecorder:
 
     def collect(self, batch: int, seq: int) -> FeatureRecord:
         """A copy of what the last forward (``[batch, seq]`` tokens) recorded here."""
+        if not self.wrote:
+            raise RuntimeError(
+                f"record: the forward did not record {self.name}: it replayed a captured CUDA graph, whose "
+                "steering op does not run again. Recording needs a model compiled without CUDA graphs "
+                "(sc.steer without mode='reduce-overhead') and forwards outside a captured graph."
+            )
+        self.wrote = False
         values, indices = self.output(batch, seq)
         plan = self.plan
         assert plan is not None

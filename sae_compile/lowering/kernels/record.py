@@ -26,6 +26,12 @@ def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor) -> None:
     ``valid [B, S]`` marks the tokens that are not padding."""
     recorder = site.recorder
     assert recorder is not None and recorder.plan is not None
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"sae_compile: {site.name} records features, which a captured CUDA graph cannot: its replays "
+            "would keep this forward's rows. Record without CUDA graphs."
+        )
+    recorder.wrote = True
     batch, seq, d = x.shape
     count = len(recorder.plan.rows)
     rows = recorder.batch_index[:count]  # [R]
