@@ -569,3 +569,22 @@ for dt, low_bit in (("fp32", 0), ("bf16", 16), ("fp16", 13)):
           dict(f_ptr=f"*{dt}", idx_ptr="*i32", bounds_ptr="*i64", w_dec_ptr=f"*{dt}", dec_ptr="*fp32"), ["chunk_start"],
           dict(d_model=2048, d_sae=16384, K=64, BLOCK_J=ts._GATHER_BLOCK_J, BLOCK_D=ts._GATHER_BLOCK_D))
 """
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 5, 16])
+def test_recorded_top_k_on_cuda_is_the_radix_select(monkeypatch, dtype: torch.dtype, k: int) -> None:
+    """Recording's top-k takes the TopK path's radix-select kernel on CUDA (here in the
+    interpreter) and gives what the torch path and the reference give, ties and zeros included."""
+    from sae_compile.lowering.kernels import record
+    from tests.reference import reference_top_k
+
+    g = torch.Generator().manual_seed(k)
+    f = torch.randint(0, 4, (9, 40), generator=g).to(dtype) / 2  # many ties, many zeros
+    f[3] = 0.0
+    expected = record.top_k_sorted(f.clone(), k)
+    monkeypatch.setattr(record, "_use_triton", lambda _: True)
+    values, indices = record.top_k_sorted(f.clone(), k)
+    assert torch.equal(indices, expected[1]) and torch.equal(values, expected[0])
+    ref_values, ref_indices = reference_top_k(f.double(), k)
+    assert torch.equal(indices, ref_indices) and torch.equal(values.double(), ref_values)

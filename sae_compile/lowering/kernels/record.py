@@ -15,7 +15,7 @@ from ...activations import activate_, top_k_indices
 from ...features import PAD_INDEX
 from ...runtime.recording import SiteRecorder
 from ...runtime.state import SiteState
-from . import torch_path
+from . import torch_path, triton_sae
 
 # Tokens per encode step: bounds the [tokens, F] scratch as the full steering path does.
 RECORD_CHUNK = 256
@@ -66,11 +66,17 @@ def _record_tokens(x: torch.Tensor, site: SiteState, recorder: SiteRecorder) -> 
 def top_k_sorted(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of the non-negative ``f [n, F]`` and their indices, largest first and
     the lower index first among equal values; at a tie on the k-th value the lower indices
-    are the ones kept (``top_k_indices``'s rule)."""
-    indices = top_k_indices(f, k).sort(dim=1).values  # [n, k], ascending index
+    are the ones kept (``top_k_indices``'s rule). On CUDA the selection is the TopK path's
+    radix select; ``f`` may then be overwritten."""
+    # [n, k], in feature order
+    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k).sort(dim=1).values
     values = f.gather(1, indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)
+
+
+def _use_triton(f: torch.Tensor) -> bool:
+    return f.is_cuda and triton_sae.TRITON_AVAILABLE and f.dtype in triton_sae.DTYPES
 
 
 def _scatter_rows(out: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, seq: int, start: int) -> None:

@@ -536,6 +536,18 @@ def _select_top_k(f: torch.Tensor, kept: torch.Tensor, bounds: torch.Tensor, chu
     )
 
 
+def top_k_features(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[n, k]`` (int64, in feature order) of the ``k`` largest of the non-negative
+    ``f [n, F]``, ties as ``top_k_indices``: the TopK path's radix select, for every row.
+    ``f`` is scratch: its other entries are zeroed in place."""
+    _require_triton()
+    kept = torch.empty(f.shape[0], k, dtype=torch.int32, device=f.device)
+    every_row = torch.full((2,), f.shape[0], dtype=torch.long, device=f.device)  # bounds[1]: rows selected
+    with _device_of(f):
+        _select_top_k(f, kept, every_row, 0)
+    return kept.long()
+
+
 def _partition(mask: torch.Tensor, rows: torch.Tensor, site: SiteState) -> tuple[torch.Tensor, torch.Tensor]:
     """Device-side list of the full-path tokens: those in ``mask [B, S]`` whose row is a full row.
 
