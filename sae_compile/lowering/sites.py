@@ -377,8 +377,9 @@ def _site_map(
     layer_idx: int, layer: _LayerScope, chain: _ResidualChain, labels: tuple[str | None, ...]
 ) -> dict[Site, SiteNode]:
     """Name the chain's nodes as sites. resid_pre and resid_post always exist; the branch
-    sites only for the two layer shapes we recognise, sequential attention-then-MLP and
-    one parallel ``attn + mlp`` add (which has no resid_mid)."""
+    sites only for the layer shapes we recognise: attention-then-MLP adds (sequential, or a
+    parallel block added one branch at a time) and one parallel ``attn + mlp`` add. A
+    parallel block has no resid_mid."""
     # Only the layer's own users read the steered resid_pre, as under a forward pre-hook.
     layer_users = frozenset(user for user in chain.resid_pre.users if user in layer.nodes)
     sites = {
@@ -387,8 +388,11 @@ def _site_map(
     }
     if labels == ("attn", "mlp"):
         sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(chain.contributions[0])
-        sites[Site(layer_idx, SiteKind.RESID_MID)] = SiteNode(chain.adds[0])
         sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(chain.contributions[1])
+        # ``x + attn + mlp`` adds a parallel block's branches one at a time: the first sum is a
+        # resid_mid only if the MLP reads it.
+        if chain.adds[0] in _ancestors(chain.contributions[1]):
+            sites[Site(layer_idx, SiteKind.RESID_MID)] = SiteNode(chain.adds[0])
     elif labels == ("both",):
         parts = _split_parallel(chain.contributions[0], layer, chain.stop)
         if parts is not None:

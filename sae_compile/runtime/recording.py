@@ -52,6 +52,7 @@ class SiteRecorder:
         self.row_width = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.dense_features = torch.zeros(max_top_k, dtype=torch.long, device=device)
         self.plan: RecordPlan | None = None
+        self._written: RecordPlan | None = None  # what the device tables hold
         # Set by the op when it writes the buffers. A replayed CUDA graph runs no Python, so a
         # forward that should have recorded and left this unset replayed a graph instead.
         self.wrote = False
@@ -74,13 +75,15 @@ class SiteRecorder:
                 raise ValueError(f"Features at {self.name}: feature {max(request.features)} is out of range for an SAE with {d_sae} features.")
 
     def set_plan(self, plan: RecordPlan | None) -> None:
-        """Host write: the next forwards record ``plan`` (``None``: nothing, at no cost)."""
-        if plan is not None and plan != self.plan:
+        """Host write: the next forwards record ``plan`` (``None``: nothing, at no cost). The
+        device tables keep the last plan written, so a loop that records alike copies nothing."""
+        if plan is not None and plan != self._written:
             count = len(plan.rows)
             self.batch_index[:count].copy_(torch.tensor(plan.rows, dtype=torch.long), non_blocking=True)
             self.row_width[:count].copy_(torch.tensor(plan.widths, dtype=torch.long), non_blocking=True)
             if plan.features is not None:
                 self.dense_features[: len(plan.features)].copy_(torch.tensor(plan.features, dtype=torch.long))
+            self._written = plan
         self.plan = plan
 
     def output(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,34 @@ RECORD_CHUNK = 256
 def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor) -> None:
     """Write the record of ``x [B, S, D]`` (the tensor arriving at ``site``) into its recorder;
     ``valid [B, S]`` marks the tokens that are not padding."""
+    recorder = _recorder(site, x)
+    batch, seq, d = x.shape
+    count = len(recorder.plan.rows)
+    every_row = count == batch  # the rows are distinct and ascending: 0..B-1, nothing to gather
+    rows = recorder.batch_index[:count]  # [R]
+    tokens = (x if every_row else x.index_select(0, rows)).reshape(count * seq, d)  # [R*S, D]
+    if site.layer_norm_input:
+        tokens = torch_path.layer_norm_in(tokens)[0]
+    keep = (valid if every_row else valid.index_select(0, rows)).reshape(-1, 1)  # [R*S, 1]
+    widths = recorder.row_width[:count].repeat_interleave(seq)[:, None]  # [R*S, 1]
+    values, indices = recorder.output(batch, seq)
+    if not every_row:
+        values.zero_()
+        indices.fill_(PAD_INDEX)
+    for start in range(0, count * seq, RECORD_CHUNK):
+        span = slice(start, start + RECORD_CHUNK)
+        chunk_values, chunk_indices = _record_tokens(tokens[span], site, recorder)
+        pad = ~keep[span] | (torch.arange(chunk_values.shape[1], device=x.device) >= widths[span])
+        for out, chunk, fill in ((values, chunk_values, 0), (indices, chunk_indices, PAD_INDEX)):
+            chunk = chunk.masked_fill_(pad, fill).to(out.dtype)
+            if every_row:
+                out.view(count * seq, -1)[span] = chunk
+            else:
+                _scatter_rows(out, chunk, rows, seq, start)
+
+
+def _recorder(site: SiteState, x: torch.Tensor) -> SiteRecorder:
+    """The site's recorder, marked as written; recording inside a CUDA-graph capture raises."""
     recorder = site.recorder
     assert recorder is not None and recorder.plan is not None
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -32,35 +60,26 @@ def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor) -> None:
             "would keep this forward's rows. Record without CUDA graphs."
         )
     recorder.wrote = True
-    batch, seq, d = x.shape
-    count = len(recorder.plan.rows)
-    rows = recorder.batch_index[:count]  # [R]
-    tokens = x.index_select(0, rows).reshape(count * seq, d)  # [R*S, D]
-    if site.layer_norm_input:
-        tokens = torch_path.layer_norm_in(tokens)[0]
-    widths = recorder.row_width[:count].repeat_interleave(seq)  # [R*S]
-    keep = valid.index_select(0, rows).reshape(-1)  # [R*S]
-    values, indices = recorder.output(batch, seq)
-    values.zero_()
-    indices.fill_(PAD_INDEX)
-    for start in range(0, count * seq, RECORD_CHUNK):
-        span = slice(start, start + RECORD_CHUNK)
-        chunk_values, chunk_indices = _record_tokens(tokens[span], site, recorder)
-        pad = ~keep[span, None] | (torch.arange(chunk_values.shape[1], device=x.device) >= widths[span, None])
-        _scatter_rows(values, chunk_values.masked_fill_(pad, 0), rows, seq, start)
-        _scatter_rows(indices, chunk_indices.masked_fill_(pad, PAD_INDEX), rows, seq, start)
+    return recorder
 
 
 def _record_tokens(x: torch.Tensor, site: SiteState, recorder: SiteRecorder) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [n, width], indices [n, width])`` of the tokens ``x [n, D]``."""
-    features = site.d_sae
-    f = activate_(torch.addmm(site.b_enc[:features], x, site.W_enc[:, :features]), site.activation, site.threshold[:features], site.k)
+    f = activate_(_encode(x, site), site.activation, site.threshold[: site.d_sae], site.k)
     plan = recorder.plan
     assert plan is not None
     if plan.features is not None:
         indices = recorder.dense_features[: plan.width].expand(x.shape[0], -1)  # [n, width]
         return f.gather(1, indices), indices.clone()
     return top_k_sorted(f, plan.width)
+
+
+def _encode(x: torch.Tensor, site: SiteState) -> torch.Tensor:
+    """``x @ W_enc + b_enc`` over the SAE's own features; a narrower SAE swapped into wider
+    buffers reads a column slice, which is slower than the whole matrix."""
+    if site.d_sae == site.W_enc.shape[1]:
+        return torch.addmm(site.b_enc, x, site.W_enc)
+    return torch.addmm(site.b_enc[: site.d_sae], x, site.W_enc[:, : site.d_sae])
 
 
 def top_k_sorted(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,4 +103,4 @@ def _scatter_rows(out: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, se
     ``seq`` tokens long) into ``out [B, S, width]`` at the rows ``rows`` hold."""
     flat_positions = torch.arange(start, start + chunk.shape[0], device=chunk.device)  # [n]
     batch_rows = rows.index_select(0, flat_positions // seq)  # [n]
-    out[batch_rows, flat_positions % seq] = chunk.to(out.dtype)
+    out[batch_rows, flat_positions % seq] = chunk
