@@ -54,14 +54,12 @@ def steer(
     mlp_out). An SAE's ``d_in`` must equal the width of its site's tensor.
 
     ``backend``, ``mode``, ``options``, ``dynamic`` and ``fullgraph`` mean what they mean
-    to ``torch.compile``; with ``fullgraph=False`` the sites may sit in different graph
-    fragments, and a call raises if a fragment break hides one. ``max_rows`` (distinct
-    steerings per forward, for ``steering=`` calls and for ``slots`` each), ``max_clamps``
-    (clamped features per steering and site), ``max_batch`` and ``max_tokens`` (batch x
-    sequence per forward) size the static state, and ``max_top_k`` each SAE site's feature
-    record (the largest ``top_k``, or dense list, that ``record=`` may ask for). ``on_graph``, if given, is called with
-    every rewritten FX graph (to inspect what was inserted). With nothing attached, the
-    result is plain ``torch.compile``. The model's weights and modules are not modified.
+    to ``torch.compile``; with ``fullgraph=False`` a call raises if a graph break hides a
+    site. ``max_rows`` (distinct steerings per forward, for calls and for ``slots`` each),
+    ``max_clamps`` (per steering and site), ``max_batch``, ``max_tokens`` (batch x sequence)
+    and ``max_top_k`` (the widest ``record=`` request) size the static state. ``on_graph`` is
+    called with every rewritten FX graph. With nothing attached, the result is plain
+    ``torch.compile``. The model's weights and modules are not modified.
     """
     capacity = Capacity(max_rows, max_clamps, max_batch, max_tokens, max_top_k=max_top_k)
     layout, available = discover_sites(model, fullgraph=fullgraph)

@@ -9,11 +9,10 @@ import torch
 import transformers
 
 import sae_compile as sc
-from tests.factories import assert_rel_close, rel_err
 from tests.models import BOS_ID, EOS_ID, INIT_STD, PAD_ID
-from tests.test_sites import adding
+from tests.test_sites import HIDDEN, assert_branch_outputs
 
-HIDDEN, LAYERS = 32, 2
+LAYERS = 2
 COMMON = dict(
     vocab_size=128, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=INIT_STD,
@@ -43,18 +42,4 @@ def test_no_resid_mid_is_exposed(model: transformers.PreTrainedModel) -> None:
 
 
 def test_branch_outputs_are_what_each_branch_adds(model: transformers.PreTrainedModel) -> None:
-    steered = sc.steer(model, sites=[ATTN, MLP], backend="aot_eager")
-    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
-    vector = torch.linspace(-1.0, 1.0, HIDDEN)
-    layer = model.model.layers[0]
-    with torch.no_grad():
-        plain = model(ids).logits
-        at_attn = steered(ids, steering=sc.Steering(sc.AddVector(ATTN, vector))).logits
-        at_mlp = steered(ids, steering=sc.Steering(sc.AddVector(MLP, vector))).logits
-        with adding(layer.self_attn, vector):
-            expected_attn = model(ids).logits
-        with adding(layer.mlp, vector):
-            expected_mlp = model(ids).logits
-    assert rel_err(at_attn, plain) > 1e-3 and rel_err(at_mlp, plain) > 1e-3
-    assert_rel_close(at_attn, expected_attn, 1e-5)
-    assert_rel_close(at_mlp, expected_mlp, 1e-5)
+    assert_branch_outputs(model, model.model.layers[0], ATTN, MLP, 128)

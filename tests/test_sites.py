@@ -68,22 +68,30 @@ def test_olmoe_exposes_every_hook_of_every_layer(olmoe: transformers.PreTrainedM
     assert steered.sites == tuple(f"blocks.{layer}.{hook}" for layer in range(LAYERS) for hook in HOOKS)
 
 
-def test_olmoe_attn_out_and_mlp_out_are_the_branch_outputs(olmoe: transformers.PreTrainedModel) -> None:
-    steered = sc.steer(olmoe, sites=[ATTN_OUT, MLP_OUT], backend="aot_eager")
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+def assert_branch_outputs(
+    model: nn.Module, layer: nn.Module, attn_site: str, mlp_site: str, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AddVector at ``attn_site`` / ``mlp_site`` equals adding the vector to the output of
+    ``layer.self_attn`` / ``layer.mlp``, and visibly moves the logits; returns both logits."""
+    steered = sc.steer(model, sites=[attn_site, mlp_site], backend="aot_eager")
+    ids = torch.randint(3, vocab, (2, 7), generator=torch.Generator().manual_seed(0))
     vector = torch.linspace(-1.0, 1.0, HIDDEN)
-    layer = olmoe.model.layers[0]
     with torch.no_grad():
-        plain = olmoe(ids).logits
-        at_attn = steered(ids, steering=sc.Steering(sc.AddVector(ATTN_OUT, vector))).logits
-        at_mlp = steered(ids, steering=sc.Steering(sc.AddVector(MLP_OUT, vector))).logits
+        plain = model(ids).logits
+        at_attn = steered(ids, steering=sc.Steering(sc.AddVector(attn_site, vector))).logits
+        at_mlp = steered(ids, steering=sc.Steering(sc.AddVector(mlp_site, vector))).logits
         with adding(layer.self_attn, vector):
-            expected_attn = olmoe(ids).logits
+            expected_attn = model(ids).logits
         with adding(layer.mlp, vector):
-            expected_mlp = olmoe(ids).logits
-    # attn_out feeds the MoE block and mlp_out does not, so the two must differ visibly.
+            expected_mlp = model(ids).logits
     assert rel_err(at_attn, plain) > 1e-3
     assert rel_err(at_mlp, plain) > 1e-3
-    assert rel_err(at_attn, at_mlp) > 1e-3
     assert_rel_close(at_attn, expected_attn, 1e-5)
     assert_rel_close(at_mlp, expected_mlp, 1e-5)
+    return at_attn, at_mlp
+
+
+def test_olmoe_attn_out_and_mlp_out_are_the_branch_outputs(olmoe: transformers.PreTrainedModel) -> None:
+    at_attn, at_mlp = assert_branch_outputs(olmoe, olmoe.model.layers[0], ATTN_OUT, MLP_OUT, 128)
+    # attn_out feeds the MoE block and mlp_out does not, so the two must differ visibly.
+    assert rel_err(at_attn, at_mlp) > 1e-3
