@@ -1,89 +1,199 @@
-"""What steering costs: compiled steered vs unsteered, vs eager hooks, vs compiled hooks.
+"""What steering costs: compiled steered vs unsteered, vs eager hooks, compiled hooks and nnsight.
 
-Model: a random Llama (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 8192) with a
-JumpReLU SAE of width 8192 at ``blocks.4.hook_resid_post``; batch 8. Two measurements:
-decode-step latency on a static KV cache, and prefill throughput at 8x128. Configurations:
+Model and SAE: a random Llama of a preset shape (``--model``: ``small``, a smoke test;
+``default``, hidden 512, 8 layers, vocab 8192 with a JumpReLU SAE of width 8192 at
+``blocks.4.hook_resid_post``; ``gemma2-2b``, Gemma-2-2B's shapes, for a GPU) and a random SAE
+(``--sae``: ``jumprelu16k`` or ``topk65k`` beside the presets' own); see
+``overhead_configs.py``. Batch 8. Two measurements: decode-step latency on a static KV cache,
+and prefill at 8x128. The clamp is 4 features set to 5.0 with the SAE's error term kept.
+Configurations:
 
-  a   compiled, unsteered (plain torch.compile)
-  b   compiled, steered: 4 clamps per row (error-preserving delta)
-  c8  compiled, Reconstruct on all 8 rows
-  c1  compiled, Reconstruct on 1 of the 8 rows
-  d   eager HF model + a forward hook doing the same clamp the SAELens way (full encode/decode)
-  e   torch.compile of the model with that forward hook
-  f   the bare SAE encode + decode matmuls (with their biases) for the same tokens, alone:
-      called back to back, so the SAE's weights stay in the CPU's cache
-  af  the compiled unsteered step followed by the same matmuls. Inside a step the model's
-      own weights evict the SAE's, so af - a is what the SAE arithmetic costs in a step
-  af1 the same with one row's tokens: what c1 cannot avoid. At decode the matmuls mostly
-      read the SAE's weights, so (c1-a)/(c8-a) is bounded below by about (af1-a)/(af-a)
-  s0  compiled, steered model called through ``__call__`` (the path ``record=`` takes), nothing steered
-  r8  the same, recording the top 16 features of all 8 rows (``record=[sc.Features(SITE, top_k=16)]``)
-  ae  the compiled unsteered step followed by the bare encode matmul (``x @ W_enc + b_enc``) of the
-      same tokens: (r8-s0)/(ae-a) is what reading features costs in a step, per encode it needs
+  a       compiled, unsteered (plain torch.compile)
+  s0      the steered model called with steering=None through ``__call__``: the idle cost
+  b       compiled, steered through ``slots`` + ``step``: the same 4 clamps on every row
+  uniform ``steered(ids, steering=S)``: one 4-clamp steering for all 8 rows, through ``__call__``
+  mixed   ``steered(ids, steering=[S0, ..., S7])``: 8 different 4-clamp steerings, one per row
+  c8      compiled, Reconstruct on all 8 rows
+  c1      compiled, Reconstruct on 1 of the 8 rows
+  d       eager HF model + a forward hook doing the clamp the SAELens way (full encode/decode)
+  ds      eager HF model + a forward hook doing the sparse clamp (only the clamped features'
+          encoder columns and decoder rows): what a careful user writes
+  e       torch.compile of the model with the dense hook
+  es      torch.compile of the model with the sparse hook
+  nn      nnsight (eager) doing the sparse clamp in a trace; skipped when nnsight is absent
+  f       the bare SAE encode + decode matmuls (with their biases) for the same tokens, alone
+  af      the compiled unsteered step followed by the same matmuls: inside a step the model's
+          own weights evict the SAE's, so af - a is what the SAE arithmetic costs in a step
+  af1     the same with one row's tokens: what c1 cannot avoid
+  r8      like s0, recording the top 16 features of all 8 rows (``record=[sc.Features(...)]``)
+  ae      the compiled unsteered step followed by the bare encode matmul of the same tokens
 
 Everything is measured in one run, in rounds: each round times every configuration (a
 block of back-to-back decode steps, or one prefill) in a fresh random order, after an
-untimed call. Times are medians over rounds; each ratio is the median of that ratio's
-value within each round, so slow drift of the machine (a shared VM) cancels out, and the
-table adds the quartiles of those values. On CUDA the compiled configurations use CUDA
-graphs (mode="reduce-overhead"). Prints a table and writes JSON to benchmarks/results/.
+untimed call. Each ratio's figure is the median of its per-round values, so slow drift of
+the machine cancels, with a bootstrap 95% interval over rounds (``stats.py``); each target
+prints as holds / falls short. On CUDA the compiled configurations use CUDA graphs
+(mode="reduce-overhead"), and r8/ae are skipped: recording needs forwards outside a graph.
+
+Host cost: the µs per decode step that a steered configuration spends in ``SteeredModel``
+outside its compiled callable (routing, slot assignment, argument handling), measured
+after the rounds by timing the callable from inside (two ``perf_counter`` calls per step,
+which are counted as host cost) and subtracting it from the step's wall time. It leaves out
+Dynamo's guards and the graph's launch, which plain ``torch.compile`` pays as well; the
+wall-time difference b - a per round is printed beside it.
+
+Before timing, the clamping configurations' prefill logits are checked against the eager
+dense hook (they must agree far better than the unsteered logits do), so a hook that did
+not run cannot pass as fast. Prints tables and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
+import inspect
 import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import overhead_configs as oc  # beside this script, which Python puts on sys.path
 import torch
 import transformers
+from stats import Assessment, Ratio, Target, assess
 from torch._dynamo.utils import counters
 
 import sae_compile as sc
 
-SITE, LAYER = "blocks.4.hook_resid_post", 4
-FEATURES = (11, 222, 333, 444)
 RESULTS = Path(__file__).resolve().parent / "results"
+BATCH, PREFILL = 8, 128
+Step = Callable[[], object]
+# transformers 5 renamed the forward keyword past_key_values to cache; the old name warns on each call.
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+TARGETED = ("s0/a", "b/a", "mixed/uniform", "d/b", "(c8-a)/(af-a)", "(c1-a)/(af1-a)", "(c1-a)/(c8-a)", "(r8-s0)/(ae-a)")
+INFORMATIVE = ("ds/b", "es/b", "nn/b", "e/b", "nn/ds", "(c8-a)/f", "(af1-a)/(af-a)")
 
 
-def build(device: torch.device, dtype: torch.dtype, small: bool) -> tuple[torch.nn.Module, sc.SAE]:
-    """The benchmark's model and SAE (``small``: a quick smoke-test size)."""
-    torch.manual_seed(0)
-    hidden, layers, inter, vocab, width = (128, 6, 344, 1024, 1024) if small else (512, 8, 1376, 8192, 8192)
-    config = transformers.LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=1024,
-    )
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    g = torch.Generator().manual_seed(1)
-    sae = sc.SAE(
-        torch.randn(hidden, width, generator=g) / hidden**0.5, torch.randn(width, hidden, generator=g) / hidden**0.5,
-        torch.zeros(width), torch.zeros(hidden), activation="jumprelu", threshold=0.1 * torch.rand(width, generator=g),
-        hook_name=SITE,
-    ).to(device=device, dtype=dtype)
-    return model, sae
+def targets(device: str) -> dict[tuple[str, str], Target]:
+    """Each ratio's target per (phase, ratio); the GPU's differ where a step is short."""
+    gpu = device == "cuda"
+    le, ge = functools.partial(Target, "<="), functools.partial(Target, ">=")
+    found = {("decode", "s0/a"): le(1.01), ("decode", "d/b"): ge(5.0 if gpu else 1.5),
+             ("decode", "(c1-a)/(af1-a)"): le(1.25), ("prefill", "(c1-a)/(c8-a)"): le(0.5 if gpu else 0.25)}
+    for phase in ("decode", "prefill"):
+        found[(phase, "b/a")] = le(1.05 if gpu else 1.03)
+        found[(phase, "mixed/uniform")] = le(1.03)
+        found[(phase, "(c8-a)/(af-a)")] = le(1.25)
+        found[(phase, "(r8-s0)/(ae-a)")] = le(1.25)
+    return found
 
 
-def saelens_hook(sae: sc.SAE) -> Callable:
-    """The usual eager approach: encode everything, clamp, decode, keep the SAE error."""
+@dataclass
+class Bench:
+    """Everything the configurations share."""
 
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = output[0] if isinstance(output, tuple) else output
-        f = sae.encode(x)
-        error = x - sae.decode(f)
-        f[..., list(FEATURES)] = 5.0
-        steered = sae.decode(f) + error
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+    model: torch.nn.Module
+    sae: sc.SAE
+    preset: oc.ModelPreset
+    device: torch.device
+    mode: str | None
+    plain: Callable[..., object]
+    steered: sc.SteeredModel
+    prompts: torch.Tensor  # [B, PREFILL]
+    step_ids: torch.Tensor  # [B, 1]
+    cache_len: int
 
-    return hook
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def setup(args: argparse.Namespace) -> Bench:
+    """Build the model, the SAE, the plain compiled model and the steered one."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = oc.MODELS[args.model]
+    model = oc.build_model(preset, device, dtype)
+    sae = oc.build_sae(oc.SAES[args.sae or preset.sae], preset.hidden, preset.site, device, dtype)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    plain = torch.compile(model, mode=mode, dynamic=False)
+    steered = sc.steer(model, {preset.site: sae}, mode=mode, dynamic=False, max_batch=BATCH, max_tokens=BATCH * PREFILL)
+    prompts = torch.randint(0, preset.vocab, (BATCH, PREFILL), device=device)
+    step_ids = torch.randint(0, preset.vocab, (BATCH, 1), device=device)
+    # Decode steps per cache: the prompt, warm-up, the rounds, the host-cost blocks, a profile, spare.
+    cache_len = 8 + args.warmup + (args.repeats + 3) * (args.block + 1) + 5 + 8
+    return Bench(model, sae, preset, device, mode, plain, steered, prompts, step_ids, cache_len)
+
+
+def clamp(site: str, features: tuple[int, ...]) -> sc.Steering:
+    return sc.Steering(*(sc.Clamp(site, f, oc.CLAMP_VALUE) for f in features))
+
+
+def steered_forwards(bench: Bench) -> dict[str, Callable[..., object]]:
+    """The steered model's configurations. b, c8 and c1 share admitted requests, as a server's
+    steps do: each is a batch assignment written before its forward (the real per-step cost)."""
+    steered, site = bench.steered, bench.preset.site
+    steered.slots.admit("clamp", clamp(site, oc.FEATURES), PREFILL)
+    steered.slots.admit("recon", sc.Steering(sc.Reconstruct(site)), PREFILL)
+    # Row i clamps 4 features of its own; row 0's are b's, so uniform and b clamp alike.
+    rows = [clamp(site, tuple((f + 97 * i) % bench.sae.d_sae for f in oc.FEATURES)) for i in range(BATCH)]
+
+    def slot_step(requests: list[str | None]) -> Callable[..., object]:
+        def step(*args: object, **kwargs: object) -> object:
+            steered.slots.assign(requests)
+            return steered.step(*args, **kwargs)
+
+        return step
+
+    found = {
+        "s0": steered, "b": slot_step(["clamp"] * BATCH), "uniform": functools.partial(steered, steering=rows[0]),
+        "mixed": functools.partial(steered, steering=rows), "c8": slot_step(["recon"] * BATCH),
+        "c1": slot_step(["recon"] + [None] * (BATCH - 1)),
+    }
+    if bench.device.type != "cuda":
+        found["r8"] = functools.partial(steered, record=[sc.Features(site, top_k=16)])
+    return found
+
+
+def baseline_forwards(bench: Bench) -> dict[str, Callable[..., object]]:
+    """The plain model and the hand-written clamps: hooks (eager, compiled) and nnsight."""
+    layer = bench.preset.layer
+    dense = oc.hooked_copy(bench.model, layer, oc.dense_clamp(bench.sae))
+    sparse = oc.hooked_copy(bench.model, layer, oc.sparse_clamp(bench.sae))
+    found = {"a": bench.plain, "af": bench.plain, "af1": bench.plain, "d": dense, "ds": sparse,
+             "e": oc.compile_hooked(dense, "dense_hook", bench.mode), "es": oc.compile_hooked(sparse, "sparse_hook", bench.mode)}
+    if bench.device.type != "cuda":
+        found["ae"] = bench.plain
+    if oc.nnsight_available():
+        found["nn"] = oc.nnsight_clamp(bench.model, layer, oc.sparse_clamp(bench.sae))
+    else:
+        print("nnsight is not installed (pip install -e '.[bench]'): skipping configuration nn")
+    return found
+
+
+def decoder(bench: Bench, name: str, fn: Callable[..., object]) -> Step:
+    """A decode step of ``fn`` on a static cache of its own, primed with an 8-token prompt."""
+    print(f"priming the decode cache for {name} ...", flush=True)
+    cache = transformers.StaticCache(config=bench.model.config, max_cache_len=bench.cache_len)
+    # Allocate the cache eagerly: tensors first created inside a CUDA-graphed call would live
+    # in (and be overwritten through) that graph's memory pool.
+    bench.model(bench.prompts[:, :1], **{CACHE: cache})
+    cache.reset()
+    fn(bench.prompts[:, :8], **{CACHE: cache})
+    return lambda: fn(bench.step_ids, **{CACHE: cache})
+
+
+def then(step: Step, fn: Callable[..., object], *args: object) -> object:
+    """``step()``, then ``fn(*args)``."""
+    step()
+    return fn(*args)
 
 
 def sae_matmuls(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
@@ -96,13 +206,44 @@ def encode_matmul(sae: sc.SAE, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(sae.b_enc, x, sae.W_enc)
 
 
-def then(step: Callable[[], object], fn: Callable[..., object], *args: object) -> object:
-    """``step()``, then ``fn(*args)``."""
-    step()
-    return fn(*args)
+def add_matmuls(steps: dict[str, Step], sae: sc.SAE, x: torch.Tensor) -> None:
+    """Make f, and append the bare SAE matmuls to af, af1 and ae where present, for the tokens
+    ``x [B, S, D]``."""
+    tokens = x.flatten(0, 1)  # [B*S, D]
+    extra = {"af": (sae_matmuls, tokens), "af1": (sae_matmuls, x[0]), "ae": (encode_matmul, tokens)}
+    for name, (fn, inputs) in extra.items():
+        if name in steps:
+            steps[name] = functools.partial(then, steps[name], fn, sae, inputs)
+    steps["f"] = functools.partial(sae_matmuls, sae, tokens)
 
 
-def block_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+def make_steps(bench: Bench, only: set[str] | None) -> dict[str, dict[str, Step]]:
+    """Each phase's timed step per configuration (all, or those in ``only``)."""
+    forwards = {**baseline_forwards(bench), **steered_forwards(bench)}
+    if only is not None:
+        forwards = {name: fn for name, fn in forwards.items() if name in only or name == "a"}
+    x = torch.randn(BATCH, PREFILL, bench.preset.hidden, device=bench.device, dtype=bench.sae.W_enc.dtype)
+    steps = {"decode": {name: decoder(bench, name, fn) for name, fn in forwards.items()},
+             "prefill": {name: functools.partial(fn, bench.prompts, use_cache=False) for name, fn in forwards.items()}}
+    for phase, tokens in (("decode", x[:, :1]), ("prefill", x)):
+        add_matmuls(steps[phase], bench.sae, tokens)
+    return steps
+
+
+def check_clamps(prefill: dict[str, Step]) -> None:
+    """Fail unless every clamping configuration's logits match the eager dense hook's (d) far
+    better than the unsteered ones (a) do: a hook that did not run would time as fast as a."""
+    reference = prefill["d"]().logits.float()
+    effect = (prefill["a"]().logits.float() - reference).abs().max().item()
+    for name in ("b", "uniform", "ds", "e", "es", "nn"):
+        if name in prefill:
+            error = (prefill[name]().logits.float() - reference).abs().max().item()
+            if not error < 0.25 * effect:
+                raise RuntimeError(f"configuration {name} does not clamp like d: max |{name} - d| = {error:.3g}, "
+                                   f"while the clamp itself moves the logits by {effect:.3g}.")
+
+
+def block_ms(fn: Step, calls: int, sync: Callable[[], None]) -> float:
     """Mean time of ``calls`` back-to-back calls: one sample of a block, in ms per call."""
     fn()  # the first call after switching configuration pays for cold caches; not timed
     sync()
@@ -113,114 +254,99 @@ def block_ms(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> 
     return (time.perf_counter() - start) * 1e3 / calls
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, sae = build(device, dtype, args.small)
-    batch, prefill_len = 8, 128
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def time_rounds(steps: dict[str, dict[str, Step]], args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, list[dict[str, float]]]:
+    """``args.repeats`` rounds; per phase, one ``{config: ms}`` per round."""
     block = {"decode": args.block, "prefill": 1}
-    cache_len = 8 + (args.warmup + args.repeats * (args.block + 1)) + 8
+    order = random.Random(0)
+    rounds: dict[str, list[dict[str, float]]] = {phase: [] for phase in steps}
+    for _ in range(args.repeats):
+        for phase, fns in steps.items():
+            # A fresh random order each round, so no configuration always follows another.
+            names = order.sample(list(fns), len(fns))
+            times = {name: block_ms(fns[name], block[phase], sync) for name in names}
+            rounds[phase].append({name: times[name] for name in fns})
+    return rounds
 
-    plain = torch.compile(model, mode=mode, dynamic=False)
-    steered = sc.steer(model, {SITE: sae}, mode=mode, dynamic=False, max_batch=batch, max_tokens=batch * prefill_len)
-    # Configurations b, c8 and c1 share one steered model, as requests in a server do: each
-    # is a batch assignment of admitted requests, written before its forward (the real
-    # per-step cost), so interleaving them never re-admits anything.
-    steered.slots.admit("clamp", sc.Steering(*(sc.Clamp(SITE, f, 5.0) for f in FEATURES)), prefill_len)
-    steered.slots.admit("recon", sc.Steering(sc.Reconstruct(SITE)), prefill_len)
-    configs = {
-        "a": (plain, None),
-        "b": (steered, ["clamp"] * batch),
-        "c8": (steered, ["recon"] * batch),
-        "c1": (steered, ["recon"] + [None] * (batch - 1)),
-    }
-    # The hooked model is a copy, so the compiled configurations above never see the hook.
-    # Dynamo does not guard on module hooks by default, so without this the compiled hooked
-    # copy would reuse the plain model's compiled code (same class, same forward) and skip the hook.
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    hooked_model = copy.deepcopy(model)
-    hooked_model.model.layers[LAYER].register_forward_hook(saelens_hook(sae))
-    configs["e"] = (torch.compile(hooked_model, mode=mode, dynamic=False), None)
-    configs["d"] = (hooked_model, None)
-    configs["af"] = configs["af1"] = configs["ae"] = (plain, None)  # matmuls added below; own decode caches
-    configs["s0"] = (steered, "call")
-    configs["r8"] = (steered, [sc.Features(SITE, top_k=16)])
-    prompts = torch.randint(0, model.config.vocab_size, (batch, prefill_len), device=device)
-    step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
 
-    def forward(name: str) -> Callable[..., object]:
-        fn, requests = configs[name]
-        if fn is not steered:
-            return fn
-        if requests == "call" or isinstance(requests[0], sc.Features):
-            record = None if requests == "call" else requests
-            return lambda *args, **kwargs: steered(*args, record=record, **kwargs)
+def host_us(bench: Bench, steps: dict[str, Step], calls: int) -> dict[str, float]:
+    """Per decode step of each steered configuration: µs outside the compiled callable (median of 3 blocks).
 
-        def steered_step(*args: object, **kwargs: object) -> object:
-            steered.slots.assign(requests)
-            return steered.step(*args, **kwargs)
+    Wraps the model's compiled callable (a private attribute, restored afterwards) to add up
+    the time spent inside it; the rest of each step's wall time is the host cost."""
+    steered = bench.steered
+    inner = steered._compiled
+    inside = [0.0]
 
-        return steered_step
+    def timed(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        inside[0] += time.perf_counter() - start
+        return out
 
-    def prefill(name: str) -> Callable[[], object]:
-        fn = forward(name)
-        return lambda: fn(prompts, use_cache=False)
+    steered._compiled = timed
+    found = {}
+    try:
+        for name in ("s0", "b", "uniform", "mixed", "c8"):
+            if name in steps:
+                found[name] = statistics.median(_outside_us(steps[name], inside, calls, bench.sync) for _ in range(3))
+    finally:
+        steered._compiled = inner
+    return found
 
-    def decoder(name: str) -> Callable[[], object]:
-        """A decode step on a static cache primed with an 8-token prompt."""
-        fn = forward(name)
-        print(f"priming the decode cache for {name} ...", flush=True)
-        cache = transformers.StaticCache(config=model.config, max_cache_len=cache_len)
-        with torch.no_grad():
-            # Allocate the cache eagerly: tensors first created inside a CUDA-graphed call
-            # would live in (and be overwritten through) that graph's memory pool.
-            model(prompts[:, :1], past_key_values=cache)
-            cache.reset()
-            fn(prompts[:, :8], past_key_values=cache)
-        return lambda: fn(step_ids, past_key_values=cache)
 
-    x_pre = torch.randn(batch, prefill_len, model.config.hidden_size, device=device, dtype=dtype)
-    x_dec = x_pre[:, :1]
-    timings: dict[str, dict[str, list[float]]] = {"decode": {}, "prefill": {}}
+def _outside_us(fn: Step, inside: list[float], calls: int, sync: Callable[[], None]) -> float:
+    fn()
+    sync()
+    inside[0] = 0.0
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    total = time.perf_counter() - start  # host time only: the GPU may still be working
+    sync()
+    return (total - inside[0]) * 1e6 / calls
+
+
+def assessments(rounds: dict[str, list[dict[str, float]]], device: str) -> list[dict[str, object]]:
+    """Every ratio whose configurations ran, per phase, with its interval and verdict."""
+    goals = targets(device)
+    found = []
+    for phase, rs in rounds.items():
+        for name in TARGETED + INFORMATIVE:
+            ratio = Ratio(name)
+            if ratio.configs <= set(rs[0]):
+                found.append(asdict(assess(ratio, phase, rs, goals.get((phase, name)))))
+    return found
+
+
+def run(args: argparse.Namespace) -> dict:
+    bench = setup(args)
     with torch.no_grad():
-        steps = {"decode": {name: decoder(name) for name in configs}, "prefill": {name: prefill(name) for name in configs}}
-        for phase, x in (("decode", x_dec), ("prefill", x_pre)):
-            tokens = x.flatten(0, 1)  # [B*S, D]
-            steps[phase]["f"] = functools.partial(sae_matmuls, sae, tokens)
-            steps[phase]["af"] = functools.partial(then, steps[phase]["af"], sae_matmuls, sae, tokens)
-            steps[phase]["af1"] = functools.partial(then, steps[phase]["af1"], sae_matmuls, sae, x[0])
-            steps[phase]["ae"] = functools.partial(then, steps[phase]["ae"], encode_matmul, sae, tokens)
+        steps = make_steps(bench, set(args.configs.split(",")) if args.configs else None)
         for phase, fns in steps.items():
             for name, fn in fns.items():
                 print(f"warming up {phase} {name} ...", flush=True)
                 for _ in range(args.warmup):
                     fn()
+        if "d" in steps["prefill"]:
+            check_clamps(steps["prefill"])
         graphs = counters["stats"]["unique_graphs"]
-        order = random.Random(0)
-        for _ in range(args.repeats):
-            for phase, fns in steps.items():
-                # A fresh random order each round, so no configuration always follows another.
-                for name in order.sample(list(fns), len(fns)):
-                    timings[phase].setdefault(name, []).append(block_ms(fns[name], block[phase], sync))
-    recompiles = counters["stats"]["unique_graphs"] - graphs
-    if args.profile:
-        with torch.no_grad():
-            profile(steps, args.profile, device)
-    medians = {phase: {name: statistics.median(ts) for name, ts in t.items()} for phase, t in timings.items()}
-    rounds = {phase: [dict(zip(t, ms, strict=True)) for ms in zip(*t.values(), strict=True)] for phase, t in timings.items()}
-    # Per ratio: the quartiles of its per-round values, so the table shows how far to trust it.
-    per_round = {phase: [ratios(r) for r in rs] for phase, rs in rounds.items()}
-    quartiles = {phase: {key: statistics.quantiles([r[key] for r in rs], n=4) for key in RATIOS}
-                 for phase, rs in per_round.items()}
-    paired = {phase: {key: q[1] for key, q in qs.items()} for phase, qs in quartiles.items()}
-    spread = {phase: {key: [q[0], q[2]] for key, q in qs.items()} for phase, qs in quartiles.items()}
-    return {"medians_ms": medians, "ratios": paired, "ratio_quartiles": spread, "rounds_ms": rounds,
-            "recompiles_during_timing": recompiles}
+        rounds = time_rounds(steps, args, bench.sync)
+        recompiles = counters["stats"]["unique_graphs"] - graphs
+        host = host_us(bench, steps["decode"], args.block)
+        if args.profile:
+            profile(steps, args.profile, bench.device)
+    b_minus_a = [1e3 * (r["b"] - r["a"]) for r in rounds["decode"]] if "b" in rounds["decode"][0] else []
+    return {
+        "medians_ms": {phase: {name: statistics.median(r[name] for r in rs) for name in rs[0]} for phase, rs in rounds.items()},
+        "assessments": assessments(rounds, bench.device.type),
+        "host_us_per_decode_step": host,
+        "decode_b_minus_a_us": statistics.median(b_minus_a) if b_minus_a else None,
+        "rounds_ms": rounds,
+        "recompiles_during_timing": recompiles,
+    }
 
 
-def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str], device: torch.device) -> None:
+def profile(steps: dict[str, dict[str, Step]], names: list[str], device: torch.device) -> None:
     """Print where the time of configurations ``names`` goes, per phase, for a few calls each."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -239,32 +365,6 @@ def profile(steps: dict[str, dict[str, Callable[[], object]]], names: list[str],
                 print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
 
 
-RATIOS = ("b/a", "d/b", "e/b", "(c8-a)/f", "(c8-a)/(af-a)", "(c1-a)/(c8-a)", "(af1-a)/(af-a)", "(r8-s0)/(ae-a)")
-
-
-def ratios(m: dict[str, float]) -> dict[str, float]:
-    """Every ratio in ``RATIOS``, from one time in ms per configuration."""
-    return {
-        "b/a": m["b"] / m["a"],
-        "d/b": m["d"] / m["b"],
-        "e/b": m["e"] / m["b"],
-        "(c8-a)/f": (m["c8"] - m["a"]) / m["f"],
-        "(c8-a)/(af-a)": (m["c8"] - m["a"]) / (m["af"] - m["a"]),
-        "(c1-a)/(c8-a)": (m["c1"] - m["a"]) / (m["c8"] - m["a"]),
-        "(af1-a)/(af-a)": (m["af1"] - m["a"]) / (m["af"] - m["a"]),
-        "(r8-s0)/(ae-a)": (m["r8"] - m["s0"]) / (m["ae"] - m["a"]),
-    }
-
-
-TARGETS = {
-    ("decode", "b/a"): ("<=", 1.03), ("prefill", "b/a"): ("<=", 1.03), ("decode", "d/b"): (">=", 1.5),
-    ("decode", "(c8-a)/f"): ("<=", 1.25), ("prefill", "(c8-a)/f"): ("<=", 1.25),
-    ("decode", "(c8-a)/(af-a)"): ("<=", 1.25), ("prefill", "(c8-a)/(af-a)"): ("<=", 1.25),
-    ("decode", "(c1-a)/(c8-a)"): ("<=", 0.25), ("prefill", "(c1-a)/(c8-a)"): ("<=", 0.25),
-    ("decode", "(r8-s0)/(ae-a)"): ("<=", 1.25), ("prefill", "(r8-s0)/(ae-a)"): ("<=", 1.25),
-}
-
-
 def machine(device: str) -> dict:
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": device}
     if device.startswith("cuda"):
@@ -272,32 +372,71 @@ def machine(device: str) -> dict:
     return info
 
 
-def main() -> None:
+def source_state() -> dict[str, object]:
+    """The commit, and the library files that differ from it (uncommitted edits are measured
+    too), when the run starts; empty where the tree is no git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--", "sae_compile"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit.stdout.strip(), "uncommitted_library_files": [line[3:] for line in status.stdout.splitlines()]}
+
+
+def report(result: dict) -> None:
+    """Print the latency table, the targets with verdicts, the other ratios and the host cost."""
+    medians = result["medians_ms"]
+    print(f"\nmachine: {result['machine']}")
+    print(f"{'config':9}" + "".join(f"{p + ' ms':>14}" for p in medians))
+    for name in medians["decode"]:
+        print(f"{name:9}" + "".join(f"{medians[p][name]:14.3f}" for p in medians))
+    print(f"\n{'target':18}{'phase':9}{'median [bootstrap 95% CI]':32}{'bound':9}verdict")
+    for a in result["assessments"]:
+        if a["target"]:
+            print(f"{a['ratio']:18}{a['phase']:9}{Assessment(**a).figure():32}{a['target']:9}{a['verdict']} ({a['note']})")
+    print(f"\n{'other ratio':18}{'phase':9}median [bootstrap 95% CI]")
+    for a in result["assessments"]:
+        if not a["target"]:
+            print(f"{a['ratio']:18}{a['phase']:9}{Assessment(**a).figure():32}{a['note']}")
+    host = ", ".join(f"{name} {us:.1f}" for name, us in result["host_us_per_decode_step"].items())
+    print(f"\nhost µs per decode step outside the compiled graph: {host}")
+    if result["decode_b_minus_a_us"] is not None:
+        print(f"decode b - a (wall, median over rounds): {result['decode_b_minus_a_us']:.1f} µs")
+    print(f"recompiles while timing: {result['recompiles_during_timing']}")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(oc.MODELS), default="default", help="model preset")
+    parser.add_argument("--small", action="store_const", dest="model", const="small", help="same as --model small")
+    parser.add_argument("--sae", choices=sorted(oc.SAES), help="SAE preset (default: the model preset's own)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block", type=int, default=5, help="decode steps per timed block")
-    parser.add_argument("--small", action="store_true", help="a small model, for a quick smoke test")
+    parser.add_argument("--configs", help="comma-separated configurations to run (a always runs); default: all")
+    parser.add_argument("--dry-run", action="store_true", help="print the shapes a run would allocate, allocating nothing")
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG", help="after timing, profile these configurations")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    sae = args.sae or oc.MODELS[args.model].sae
+    if args.dry_run:
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        for key, value in oc.dry_run(oc.MODELS[args.model], oc.SAES[sae], dtype).items():
+            print(f"{key}: {value}")
+        return
+    state = source_state()  # at the start: the library as this run imported it
     result = run(args)
-    result["machine"] = machine(args.device)
-    result["config"] = vars(args)
-    print(f"\nmachine: {result['machine']}")
-    print(f"{'config':8}" + "".join(f"{p + ' ms':>14}" for p in result["medians_ms"]))
-    for name in result["medians_ms"]["decode"]:
-        print(f"{name:8}" + "".join(f"{result['medians_ms'][p][name]:14.3f}" for p in result["medians_ms"]))
-    print(f"\n{'ratio (median [q1, q3] over rounds)':36}{'decode':>23}{'prefill':>23}   target")
-    for key in result["ratios"]["decode"]:
-        target = " / ".join(f"{p}: {TARGETS[(p, key)][0]} {TARGETS[(p, key)][1]}" for p in ("decode", "prefill") if (p, key) in TARGETS)
-        cells = "".join(
-            f"{result['ratios'][p][key]:8.3f} [{result['ratio_quartiles'][p][key][0]:5.2f}, {result['ratio_quartiles'][p][key][1]:5.2f}]"
-            for p in ("decode", "prefill")
-        )
-        print(f"{key:36}{cells}   {target}")
-    print(f"recompiles while timing: {result['recompiles_during_timing']}")
-    save(result, f"overhead_{args.device.split(':')[0]}{'_small' if args.small else ''}")
+    result["machine"] = {**machine(args.device), **state}
+    result["config"] = {**vars(args), "sae": sae}
+    report(result)
+    suffix = "" if args.model == "default" else f"_{args.model}"
+    suffix += "" if args.sae is None or args.sae == oc.MODELS[args.model].sae else f"_{args.sae}"
+    save(result, f"overhead_{args.device.split(':')[0]}{suffix}")
 
 
 def save(result: dict, name: str) -> None:
