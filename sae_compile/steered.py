@@ -17,7 +17,7 @@ from .edits import AddVector, Clamp, Reconstruct, Steering
 from .features import Features, RecordedSteps
 from .lowering.backend import InnerBackend, SteeringBackend, fresh_entry_point, resolve_inner_backend
 from .lowering.discovery import discover_sites
-from .lowering.sites import DecoderLayout, Site, SiteKind
+from .lowering.sites import DecoderLayout, Site, why_missing
 from .runtime.recording import RecordArg, Recording, RecordPlan, per_row_requests
 from .runtime.slots import SlotManager
 from .runtime.staging import SteeringArg, per_row_steerings
@@ -167,13 +167,7 @@ def resolve_site(layout: DecoderLayout, available: Sites, name: str) -> Site:
             f"(e.g. {layout.layer_paths[0]!r} for resid_post)."
         ) from None
     if site not in available:
-        if site.kind is SiteKind.RESID_MID:
-            raise ValueError(
-                f"Site {name!r} does not exist: layer {site.layer} adds attention and MLP to the residual "
-                "stream in parallel, so there is no resid_mid between them. Use hook_resid_pre, "
-                "hook_attn_out, hook_mlp_out or hook_resid_post."
-            )
-        raise ValueError(f"Site {name!r} was not found in the model's graph. Available sites: {names}.")
+        raise ValueError(f"Site {name!r} does not exist: {why_missing(site, available)}. Available sites: {names}.")
     return site
 
 
@@ -319,18 +313,38 @@ class SteeredModel:
         with self._lock:
             _require_no_grad("__call__")
             batch, seq = _batch_and_seq(input_ids, kwargs)
-            past = _past_length(kwargs)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            if steering is None and record is None and prompt_len is None and self._idle_again(batch, seq):
+                return self._forward(input_ids, **kwargs)
             per_row = per_row_steerings(steering, batch)
             requests = per_row_requests(record, batch)
             plans = self._record_plans(requests, kwargs.get("return_dict") is False, "return_dict=False")
-            self._assign_call(per_row, _prompt_lens(prompt_len, batch, seq, past), seq)
-            if attention_mask is not None:
-                kwargs["attention_mask"] = attention_mask
+            self._assign_call(per_row, self._call_prompt_lens(prompt_len, per_row, seq, kwargs), seq)
             with self._recorded(plans):
-                out = self._forward(input_ids, positions=_positions(seq, past, kwargs, self._device), **kwargs)
+                out = self._forward(input_ids, **kwargs)
                 if plans:
                     out.features = self._recording.collect(batch, seq)
             return out
+
+    def _idle_again(self, batch: int, seq: int) -> bool:
+        """Whether an unsteered call needs no host work at all: no call rows are held and the routing
+        of an unsteered ``[batch, seq]`` forward stands (nothing was assigned or admitted since).
+        A decode loop with ``steering=None`` then costs what plain ``torch.compile`` costs."""
+        if self._call_steerings or not self._routing.idle_routed(batch, seq):
+            return False
+        self._call_routed = True  # the routing is the call's; step() re-applies the slots'
+        return True
+
+    @staticmethod
+    def _call_prompt_lens(
+        prompt_len: int | Sequence[int] | None, per_row: list[Steering | None], seq: int, kwargs: dict[str, Any]
+    ) -> list[int] | torch.Tensor:
+        """The call's prompt lengths (see ``_prompt_lens``). Unsteered rows never read theirs, so a
+        call that steers no row skips the default's cache-length read (a device op on a static cache)."""
+        if prompt_len is None and all(s is None for s in per_row):
+            return [seq] * len(per_row)
+        return _prompt_lens(prompt_len, len(per_row), seq, _past_length(kwargs))
 
     def step(
         self,
@@ -494,7 +508,9 @@ class SteeredModel:
         that every attached site made it into the graph fragments compiled so far."""
         batch, seq = _batch_and_seq(input_ids, kwargs)
         attention_mask = kwargs.get("attention_mask")
-        if not self._routing.is_routed(batch, seq, attention_mask):
+        # An unsteered forward's mask stands whatever its padding, unless a site records (which reads it).
+        idle = self._routing.idle_routed(batch, seq) and not self._recording.active
+        if not idle and not self._routing.is_routed(batch, seq, attention_mask):
             if positions is None:
                 positions = _positions(seq, _past_length(kwargs), kwargs, self._device)
             self._routing.route(positions, attention_mask, batch, seq)

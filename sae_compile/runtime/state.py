@@ -112,6 +112,10 @@ class RoutingState:
         self._prompt_lens: tuple[int, ...] | None = ()
         self._version = 0
         self._routed: tuple | None = None
+        # (batch, seq, version) of the last route of an all-unsteered assignment: the mask of
+        # those tokens is all False, whatever their positions or padding, until a write.
+        self._idle: tuple[int, int, int] | None = None
+        self._cleared = 0  # token_mask / token_weight [:_cleared] are known to be all zero
         self._views: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def view(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,8 +153,10 @@ class RoutingState:
         static cache holds on the device is then used without reading it back (no host sync).
         """
         on_device = isinstance(prompt_lens, torch.Tensor)
-        if not on_device and (tuple(rows), tuple(prompt_lens)) == (self._assigned, self._prompt_lens):
-            return  # a serving loop re-assigns every step; unchanged routing costs nothing
+        if tuple(rows) == self._assigned and (not any(rows) or not on_device and tuple(prompt_lens) == self._prompt_lens):
+            # A serving loop re-assigns every step; unchanged routing costs nothing. Unsteered rows
+            # (row 0, which has no scope) never read their prompt lengths, so those need no write.
+            return
         # Batch rows past the assignment are unsteered, not whatever an earlier, larger one left.
         unassigned = [0] * (self.capacity.max_batch - len(rows))
         self.batch_rows.copy_(torch.tensor(rows + unassigned, dtype=torch.long), non_blocking=True)
@@ -172,22 +178,50 @@ class RoutingState:
         """
         if self.is_routed(batch, seq, attention_mask):
             return
-        rows = self.batch_rows[:batch]  # [B]
-        in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
-        mask = _scope_mask(self.row_scope[rows][:, None], in_prompt)  # [B, S]
-        valid = self.valid(batch, seq)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            # Padding is never steered. (A 4-D mask, as static-cache generation passes, has no
-            # per-token padding column to read; a pad token's own output is unused anyway.)
-            valid.copy_(attention_mask[:, -seq:] != 0)
-            mask = mask & valid
+        valid = self._write_valid(attention_mask, batch, seq)
+        if not any(self._assigned[:batch]) and not self._capturing():
+            self._route_idle(batch, seq)
         else:
-            valid.fill_(True)
-        _, token_mask, token_weight = self.view(batch, seq)
-        token_mask.copy_(mask)
-        token_weight.copy_(mask)
+            padded = attention_mask is not None and attention_mask.dim() == 2
+            self._route_scoped(positions, valid if padded else None, batch, seq)
         static = attention_mask is None and all(self._scope_host[r] in (0, SCOPE_ALL) for r in self._assigned[:batch])
         self._routed = (batch, seq, self._version) if static else None
+
+    def _route_scoped(self, positions: torch.Tensor, valid: torch.Tensor | None, batch: int, seq: int) -> None:
+        """The mask from each row's scope and prompt length, and ``valid [B, S]`` (padding) if given."""
+        rows, token_mask, token_weight = self.view(batch, seq)  # [B], [B, S], [B, S]
+        in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
+        mask = _scope_mask(self.row_scope[rows][:, None], in_prompt)  # [B, S]
+        token_mask.copy_(mask if valid is None else mask & valid)
+        token_weight.copy_(token_mask)
+        self._idle, self._cleared = None, 0
+
+    def _write_valid(self, attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+        """``token_valid [B, S]``: False on padding (attention_mask 0), which is never steered or recorded."""
+        valid = self.valid(batch, seq)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # (A 4-D mask, as static-cache generation passes, has no per-token padding column to
+            # read; a pad token's own output is unused anyway.)
+            valid.copy_(attention_mask[:, -seq:] != 0)
+        else:
+            valid.fill_(True)
+        return valid
+
+    def _route_idle(self, batch: int, seq: int) -> None:
+        """No assigned row steers: the mask is all False, with no scope arithmetic, and is not
+        rewritten while it stays so. Never under capture: a replay must recompute the mask."""
+        n = batch * seq
+        if self._cleared < n:
+            self.token_mask[:n].zero_()
+            self.token_weight[:n].zero_()
+            self._cleared = n
+        self._idle = (batch, seq, self._version)
+
+    def idle_routed(self, batch: int, seq: int) -> bool:
+        """True when the mask already says "steer nothing" for a ``[batch, seq]`` forward: the last
+        route was of an all-unsteered assignment at this shape and nothing was written since. The
+        padding of the forward does not matter then, except to recording (``token_valid``)."""
+        return self._idle == (batch, seq, self._version) and not self._capturing()
 
     def route_tokens(self, rows: Sequence[int], prompt_lens: Sequence[int], counts: torch.Tensor, positions: torch.Tensor) -> None:
         """Route a token-major forward: request ``i`` uses steering row ``rows[i]``, has prompt
@@ -214,6 +248,7 @@ class RoutingState:
         mask = _scope_mask(self.row_scope[self.token_rows[:tokens]], in_prompt)  # [N]
         self.token_mask[:tokens].copy_(mask)
         self.token_weight[:tokens].copy_(mask)
+        self._idle, self._cleared = None, 0
         static = all(self._scope_host[r] in (0, SCOPE_ALL) for r in rows)
         self._routed = (layout, self._version) if static else None
 

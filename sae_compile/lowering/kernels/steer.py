@@ -39,29 +39,37 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     """
     if site.broken is not None:
         raise RuntimeError(f"sae_compile: {site.broken}; call load_sae() again with a valid SAE to repair it.")
+    paths = _paths(x, site, x.shape[0])
+    recording = site.recorder is not None and site.recorder.plan is not None
+    if not (paths.add or paths.sparse or paths.full or recording):
+        # Nothing is steered or recorded here (an idle step): the output is x, copied, so that it
+        # stays a fresh tensor in the fake's layout. Decided on the host, from the same mirrors as
+        # the paths: never under capture, where every path runs.
+        return x.clone(memory_format=torch.contiguous_format)
     if x.dim() == 2:
-        return _steer_tokens(x, site)
+        return _steer_tokens(x, site, paths)
     batch, seq, _ = x.shape
-    if site.recorder is not None and site.recorder.plan is not None:
+    if recording:
         record.record_site(x, site, site.routing.valid(batch, seq))
-    return _steer_rows(x, site, *site.routing.view(batch, seq))
+    return _steer_rows(x, site, *site.routing.view(batch, seq), paths)
 
 
-def _steer_tokens(x: torch.Tensor, site: SiteState) -> torch.Tensor:
+def _steer_tokens(x: torch.Tensor, site: SiteState, paths: Paths) -> torch.Tensor:
     """Token-major ``x [N, D]``: a batch of ``N`` one-token rows, each with its token's row."""
     tokens, d = x.shape
     rows, mask, weight = site.routing.view_tokens(tokens)  # [N], [N, 1], [N, 1]
     if x.dtype == site.dtype:
-        return _steer_rows(x.view(tokens, 1, d), site, rows, mask, weight).view(tokens, d)
-    steered = _steer_rows(x.to(site.dtype).view(tokens, 1, d), site, rows, mask, weight).view(tokens, d)
+        return _steer_rows(x.view(tokens, 1, d), site, rows, mask, weight, paths).view(tokens, d)
+    steered = _steer_rows(x.to(site.dtype).view(tokens, 1, d), site, rows, mask, weight, paths).view(tokens, d)
     return torch.where(mask, steered.to(x.dtype), x)
 
 
-def _steer_rows(x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _steer_rows(
+    x: torch.Tensor, site: SiteState, rows: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, paths: Paths
+) -> torch.Tensor:
     """``x [B, S, D]`` with batch row ``b`` using steering row ``rows[b]`` on the tokens of ``mask``."""
     source = x
     x = x.contiguous()  # [B, S, D]; every path below returns x's layout
-    paths = _paths(x, site, x.shape[0])
     if site.layer_norm_input and (paths.sparse or paths.full):
         out = _steer_layer_normed(x, site, rows, mask, weight, paths)
     else:
