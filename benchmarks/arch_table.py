@@ -2,7 +2,11 @@
 (``tests/test_architecture_sweep.py``) on every text decoder-only entry of the installed
 transformers' causal-LM mapping, and writes a Markdown table plus the raw results as JSON.
 
-    PYTHONPATH=. python benchmarks/arch_table.py [--only ARCH ...] [--out benchmarks/results/architectures.md]
+    PYTHONPATH=. python benchmarks/arch_table.py [--only ARCH ...] [--out benchmarks/results/architectures.md] [--readme README.md]
+    PYTHONPATH=. python benchmarks/arch_table.py --from-json benchmarks/results/architectures.json --readme README.md
+
+``--readme`` rewrites the README's "Supported architectures" table (between its
+``<!-- architectures -->`` markers): architectures grouped by the sites they expose.
 
 Status: ``pass`` (every site the reference finds is exposed and steers like it, unsteered
 logits equal the plain model's, no recompiles), ``partial`` (the same, but some sites the
@@ -49,7 +53,7 @@ def sites_cell(sites: tuple[str, ...], by_layer: bool = False) -> str:
 def notes_cell(result: SweepResult) -> str:
     """Why an architecture is not ``pass`` (the test's KNOWN_FAILURES diagnosis where it has one),
     and the sites missing or not checked by the reference."""
-    notes = []
+    notes = [] if result.fullgraph else ["steered with fullgraph=False: the model itself breaks the graph"]
     if result.status != "pass":
         notes.append(KNOWN_FAILURES.get(result.arch) or result.details())
     if result.missing:
@@ -91,29 +95,86 @@ def as_json(result: SweepResult) -> dict:
         "arch": result.arch, "status": result.status, "build_error": result.build_error, "sites": list(result.sites),
         "failures": result.failures, "wrong": result.wrong, "missing": result.missing,
         "unverified": result.unverified, "checked": len(result.checked),  # site x edit pairs that matched
+        "fullgraph": result.fullgraph,
     }
 
 
-def main() -> None:
-    """Run the sweep (all architectures, or ``--only``), print the table and write it with its JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "architectures.md")
-    args = parser.parse_args()
+README_START, README_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+
+
+def readme_table(results: list[SweepResult]) -> str:
+    """The README's table: passing architectures grouped by the sites they expose, then each other
+    built architecture with its status and why."""
+    built = [r for r in results if r.build_error is None]
+    groups: dict[str, list[str]] = {}
+    for r in (r for r in built if r.status == "pass"):
+        groups.setdefault(sites_cell(r.sites), []).append(r.arch)
+    passing = sum(len(names) for names in groups.values())
+    lines = [
+        f"{passing} of {len(built)} text decoder-only architectures built from transformers {transformers.__version__}'s "
+        f"causal-LM mapping pass ({100 * passing / len(built):.0f}%), {sum(r.status == 'wrong' for r in built)} steer "
+        "silently wrong (`benchmarks/results/architectures.md` has every row).",
+        "",
+        "| sites (every layer, unless per layer) | architectures |",
+        "|---|---|",
+    ]
+    lines += [f"| {cell} | {', '.join(sorted(names))} |" for cell, names in sorted(groups.items(), key=lambda g: -len(g[1]))]
+    lines += ["", "| not passing | status | sites found | why |", "|---|---|---|---|"]
+    lines += [f"| {r.arch} | {r.status} | {sites_cell(r.sites)} | {notes_cell(r)} |" for r in built if r.status != "pass"]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, results: list[SweepResult]) -> None:
+    """Replace the text between the README's architecture markers with ``readme_table``."""
+    text = path.read_text()
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} markers")
+    path.write_text(f"{head}{start}\n{readme_table(results)}\n{end}{tail}")
+
+
+def from_json(path: Path) -> list[SweepResult]:
+    """The results an earlier run wrote (``as_json``), to rewrite the tables without a new sweep."""
+    results = []
+    for row in json.loads(path.read_text())["results"]:
+        fields = {k: row[k] for k in ("build_error", "failures", "wrong", "missing", "unverified")}
+        results.append(SweepResult(row["arch"], sites=tuple(row["sites"]), fullgraph=row.get("fullgraph", True), **fields))
+    return results
+
+
+def run_sweep(only: list[str] | None) -> tuple[list[SweepResult], float]:
+    """Every check on every architecture (or those in ``only``), printing one line each."""
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     transformers.logging.set_verbosity_error()  # the tiny configs trip many harmless config warnings
-    archs = [a for a in ARCHS if not args.only or a.name in args.only]
     start, results = time.perf_counter(), []
-    for arch in archs:
+    for arch in (a for a in ARCHS if not only or a.name in only):
         t0 = time.perf_counter()
         results.append(sweep_one(arch))
         print(f"{arch.name:28s} {results[-1].status:11s} {time.perf_counter() - t0:5.1f}s", flush=True)
+    return results, time.perf_counter() - start
+
+
+def main() -> None:
+    """Run the sweep (all architectures, or ``--only``) or read ``--from-json``; write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="architecture names (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "architectures.md")
+    parser.add_argument("--from-json", type=Path, help="rewrite the tables from an earlier run's JSON")
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's architecture table")
+    args = parser.parse_args()
+    if args.from_json is not None:
+        results = from_json(args.from_json)
+    else:
+        results, seconds = run_sweep(args.only)
+        machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()}
+        payload = {"machine": machine, "seconds": round(seconds, 1), "results": [as_json(r) for r in results]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     table = markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads()}
-    payload = {"machine": machine, "seconds": round(time.perf_counter() - start, 1), "results": [as_json(r) for r in results]}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    if args.readme is not None:
+        write_readme(args.readme, results)
     print(table)
 
 

@@ -444,6 +444,7 @@ class SweepResult:
     missing: list[str] = field(default_factory=list)  # sites the reference finds and steer() does not expose
     unverified: list[str] = field(default_factory=list)  # exposed sites the reference cannot identify
     checked: list[str] = field(default_factory=list)  # site x edit pairs that matched the reference
+    fullgraph: bool = True  # False: steered with fullgraph=False (the model breaks the graph itself)
 
     @property
     def status(self) -> str:
@@ -478,6 +479,7 @@ class _Subject:
     plain: torch.Tensor
     layers: list[LayerRef] | None
     result: SweepResult
+    fullgraph: bool = True  # False where the model itself does not compile as one graph
 
 
 def _short_sites(sites: tuple[str, ...]) -> set[tuple[int, str]]:
@@ -537,7 +539,7 @@ def _attach(subject: _Subject, shapes: dict[str, tuple[int, ...]]) -> tuple[sc.S
         if kind in RESIDUAL_KINDS:
             saes[name] = random_sae(shape[-1], D_SAE, seed=i, **FLAVOURS[kind])
     additive = [name for name in shapes if name not in saes]
-    return sc.steer(subject.model, saes, sites=additive, backend="aot_eager"), saes
+    return sc.steer(subject.model, saes, sites=additive, backend="aot_eager", fullgraph=subject.fullgraph), saes
 
 
 def _steered_logits(steered: sc.SteeredModel, subject: _Subject, steering: Any) -> torch.Tensor:
@@ -631,6 +633,19 @@ def _check_compiled(subject: _Subject, shapes: dict[str, tuple[int, ...]]) -> No
     _guarded(result, "recompile", lambda: check_no_recompile(subject, steered, clamp_sites))
 
 
+def _sites(subject: _Subject) -> sc.SteeredModel:
+    """``sc.steer`` with nothing attached, as a user would: with ``fullgraph=False`` if steer()
+    says the model itself does not compile as one graph (``subject.fullgraph`` records it)."""
+    try:
+        return sc.steer(subject.model, backend="aot_eager")
+    except ValueError as error:
+        if "fullgraph=False" not in str(error):
+            raise
+    subject.fullgraph = False
+    subject.result.fullgraph = False
+    return sc.steer(subject.model, backend="aot_eager", fullgraph=False)
+
+
 def sweep_one(arch: Arch) -> SweepResult:
     """Build ``arch`` tiny and run every check on it, from a fresh Dynamo state."""
     result = SweepResult(arch.name)
@@ -639,7 +654,7 @@ def sweep_one(arch: Arch) -> SweepResult:
         subject = _subject(arch, result)
         if subject is None:
             return result
-        base = _guarded(result, "sites", lambda: sc.steer(subject.model, backend="aot_eager"))
+        base = _guarded(result, "sites", lambda: _sites(subject))
         if base is None:
             return result
         result.sites = base.sites

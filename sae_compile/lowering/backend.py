@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .graph_sites import find_site_nodes
 from .rewrite import insert_steering_ops
-from .sites import DecoderLayout, Site, find_site_nodes
+from .sites import DecoderLayout, Site
 
 InnerBackend = str | Callable[..., Any]
 

@@ -10,7 +10,8 @@ import torch
 from torch import fx, nn
 
 from .backend import fresh_entry_point
-from .sites import DecoderLayout, Site, decoder_layout, find_site_nodes
+from .graph_sites import find_site_nodes
+from .sites import DecoderLayout, Site, decoder_layout
 
 _probe_ids = itertools.count()
 Discovery = tuple[DecoderLayout, dict[Site, tuple[int, ...]]]
@@ -31,15 +32,30 @@ def discover_sites(model: nn.Module, fullgraph: bool = True) -> Discovery:
     layout = decoder_layout(model)
     found: dict[Site, tuple[int, ...]] = {}
 
-    def capture(gm: fx.GraphModule, example_inputs: Any) -> Any:
-        for site, site_node in find_site_nodes(gm.graph, model, layout).items():
-            found[site] = tuple(site_node.node.meta["example_value"].shape)
-        return gm.forward
-
     device = next(model.parameters()).device
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
+
+    def capture(gm: fx.GraphModule, example_inputs: Any) -> Any:
+        for site, site_node in find_site_nodes(gm.graph, model, layout).items():
+            shape = tuple(site_node.node.meta["example_value"].shape)
+            # Steering routes rows and tokens by the input's [batch, seq]; a stream with other
+            # positions (CPM-Ant prepends prompt tokens) cannot be steered token by token.
+            if shape[:2] == tuple(probe.shape):
+                found[site] = shape
+        return gm.forward
+
     entry = fresh_entry_point(model.forward, f"probe_{next(_probe_ids)}")
-    with torch.no_grad():
-        torch.compile(entry, backend=capture, fullgraph=fullgraph)(input_ids=probe, use_cache=False)
+    try:
+        with torch.no_grad():
+            torch.compile(entry, backend=capture, fullgraph=fullgraph)(input_ids=probe, use_cache=False)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
+        if not fullgraph:
+            raise
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"{type(model).__name__} does not compile as one graph: torch.compile(fullgraph=True) fails on the "
+            f"model itself ({type(error).__name__}: {reason}). sc.steer(..., fullgraph=False) lets Dynamo break "
+            "the graph there and finds the sites in every piece."
+        ) from error
     cached[fullgraph] = (layout, found)
     return layout, found

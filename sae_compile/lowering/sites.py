@@ -1,35 +1,19 @@
-"""Site discovery: where the residual stream of an HF decoder model lives in an FX graph.
+"""Sites: the TransformerLens hook names we steer, and where an HF decoder keeps its layers.
 
-A *site* is a TransformerLens hook name (``blocks.{L}.hook_resid_post`` ...). Finding it
-needs two things, both read from the model rather than from per-architecture tables:
-
-- the module tree: the decoder layers (the ``ModuleList`` with one entry per layer) and,
-  in each layer, which children are the attention and MLP branches;
-- the Dynamo FX graph: every node's ``nn_module_stack`` says which module instances were
-  active when it was traced. Its keys are ``str(id(module))``, so we map them through
-  module identity and never parse the path strings, whose format changed across torch
-  versions.
-
-Within a layer the residual stream is a chain of ``add`` nodes at layer scope, starting
-from a value produced outside the layer (resid_pre) and ending at the value the layer
-hands on (resid_post). Each non-chain operand of a chain add is a branch contribution,
-classified by the branch modules it was computed in: attention (attn_out), MLP (mlp_out),
-or both at once (a parallel attention+MLP block, which has no resid_mid).
-
-Two sites sit inside the branches, found from the branch outputs: ``attn.hook_z`` is the
-input of the attention's output projection (the heads concatenated, ``[B, S, H * d_head]``),
-and ``hook_mlp_in`` the input the MLP module receives (after its pre-MLP norm).
+A *site* is a TransformerLens hook name (``blocks.{L}.hook_resid_post`` ...). Finding its
+tensor needs two things, both read from the model rather than from per-architecture tables:
+the module tree, here (the decoder layers, and in each layer which children are the
+attention and MLP branches), and the Dynamo FX graph (``graph_sites``).
 """
 
 from __future__ import annotations
 
 import enum
-import operator
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 
@@ -86,7 +70,6 @@ _HOOKS = {kind.hook: kind for kind in SiteKind} | {"ln2.hook_normalized": SiteKi
 # base class or attribute name for a layer's attention and MLP modules.
 _ATTENTION_NAMES = ("attention", "attn")
 _MLP_NAMES = ("mlp", "feedforward", "feed_forward", "ffn", "moe", "experts")
-_ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add)
 
 
 @dataclass(frozen=True)
@@ -132,9 +115,7 @@ class DecoderLayout:
 def decoder_layout(model: nn.Module) -> DecoderLayout:
     """Find the decoder layers of an HF causal LM from its module tree.
 
-    The layer stack is the ``ModuleList`` of identically-typed blocks holding the most
-    parameters; its length is cross-checked against ``config.num_hidden_layers`` when the
-    config has one.
+    The layer stack is found by ``layer_stack``.
     """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, nn.Embedding):
@@ -151,27 +132,57 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The path and ``ModuleList`` of the decoder layers: the ``ModuleList`` of identically-typed
-    blocks holding the most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(block) for block in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, path, module)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers; cannot find steering sites.")
-    _, stack_path, stack = best
-    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if expected is not None and expected != len(stack):
-        raise ValueError(
-            f"Found {len(stack)} blocks at {stack_path!r} but config.num_hidden_layers is {expected}; "
-            "cannot tell which ModuleList holds the decoder layers."
-        )
-    return stack_path, stack
+    """The path and ``ModuleList`` of the decoder layers, looked for under the text decoder
+    (``model.get_decoder()``: a multimodal wrapper's vision tower has layers too).
+
+    HF declares the decoder-layer classes in ``_no_split_modules``, and the text config counts
+    them in ``num_hidden_layers``; a ``ModuleList`` that both, then one, then neither (its
+    blocks all of one class) vouch for, in that order, holding the most parameters. Hybrid
+    stacks mix block classes; LongCat-Flash counts two sublayers per layer. A model that no
+    ``ModuleList`` fits is an error rather than a guess.
+    """
+    lists = [(path, m) for path, m in _named_under_decoder(model) if isinstance(m, nn.ModuleList) and len(m) > 0]
+    declared = set(getattr(type(model), "_no_split_modules", None) or ())
+    expected = _layer_count(model)
+
+    def is_declared(blocks: nn.ModuleList) -> bool:
+        return bool(declared) and all(type(block).__name__ in declared for block in blocks)
+
+    def is_counted(blocks: nn.ModuleList) -> bool:
+        return len(blocks) == expected
+
+    tiers = (
+        [(path, m) for path, m in lists if is_declared(m) and is_counted(m)],
+        [(path, m) for path, m in lists if is_declared(m) or is_counted(m)],
+        [(path, m) for path, m in lists if expected is None and len({type(block) for block in m}) == 1],
+    )
+    for candidates in tiers:
+        if candidates:
+            return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    found = ", ".join(f"{path!r} ({len(m)})" for path, m in lists) or "none"
+    raise ValueError(
+        f"{type(model).__name__} has no ModuleList of its declared decoder layers "
+        f"({', '.join(sorted(declared)) or 'none declared'}) or of config.num_hidden_layers = {expected} "
+        f"blocks (ModuleLists: {found}); cannot find steering sites."
+    )
+
+
+def _named_under_decoder(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` restricted to the subtree of ``model.get_decoder()``, if any."""
+    named = list(model.named_modules())
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    prefix = next((path for path, m in named if m is decoder), None)
+    if prefix is None or prefix == "":
+        return named
+    return [(path, m) for path, m in named if path == prefix or path.startswith(prefix + ".")]
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    """``num_hidden_layers`` of the model's text config (a composite config keeps it there)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "num_hidden_layers", None)
 
 
 def _branch_children(layer_path: str, layer: nn.Module) -> tuple[str | None, str | None]:
@@ -179,12 +190,12 @@ def _branch_children(layer_path: str, layer: nn.Module) -> tuple[str | None, str
 
     A child is matched on its class name first (``LlamaAttention``, ``GPT2MLP``), then on
     its attribute name, and is never a norm or dropout wrapper. Models name these modules
-    freely, so a name heuristic is unavoidable here. ``find_site_nodes`` names branch sites
-    only where the graph shows an attention-then-MLP (or parallel) layer, so a wrong match
+    freely, so a name heuristic is unavoidable here. ``graph_sites`` names branch sites
+    in forward order and only where the labels do not contradict it, so a wrong match
     loses those sites rather than swapping them.
     """
     children = [
-        (name, type(child).__name__.lower())
+        (name, _own_class_name(child, layer))
         for name, child in layer.named_children()
         if not any(skip in type(child).__name__.lower() for skip in ("norm", "dropout"))
     ]
@@ -197,6 +208,14 @@ def _branch_children(layer_path: str, layer: nn.Module) -> tuple[str | None, str
         None if attn is None else f"{layer_path}.{attn}",
         None if mlp is None else f"{layer_path}.{mlp}",
     )
+
+
+def _own_class_name(child: nn.Module, layer: nn.Module) -> str:
+    """The child's class name, lowercase, without the model-family prefix it shares with the
+    layer's class: ``Lfm2MoeShortConv`` is a convolution, though ``Lfm2Moe`` says "moe"."""
+    name, family = type(child).__name__, type(layer).__name__
+    shared = len(os.path.commonprefix([name, family]))
+    return name[shared:].lower()
 
 
 def _first_match(children: list[tuple[str, str]], words: tuple[str, ...]) -> str | None:
@@ -213,287 +232,25 @@ def _matches(label: str, words: tuple[str, ...]) -> bool:
     return any(word in label.lower() for word in words)
 
 
-def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) -> dict[Site, SiteNode]:
-    """Every site this graph exposes, mapped to the FX node that computes its tensor.
-
-    Layers whose residual chain cannot be traced (for example a graph fragment after a
-    graph break) expose no sites rather than wrong ones.
-    """
-    modules = dict(model.named_modules())
-    scope_of = {str(id(m)): id(m) for m in modules.values()}
-    scopes = {node: _module_ids(node, scope_of) for node in graph.nodes}  # in graph order
-    found: dict[Site, SiteNode] = {}
-    for layer_idx, layer in enumerate(layout.layers):
-        branch_ids = {
-            "attn": _subtree_ids(modules, layout.attn_paths[layer_idx]),
-            "mlp": _subtree_ids(modules, layout.mlp_paths[layer_idx]),
-        }
-        sites = _layer_sites(scopes, layer_idx, id(layer), branch_ids, layout.hidden_size)
-        projections = _projection_ids(modules, layout.attn_paths[layer_idx])
-        found.update(sites | _branch_input_sites(scopes, layer_idx, sites, branch_ids["mlp"], projections))
-    return found
-
-
-def _subtree_ids(modules: dict[str, nn.Module], path: str | None) -> frozenset[int]:
-    if path is None:
-        return frozenset()
-    return frozenset(id(m) for m in modules[path].modules())
-
-
-def _projection_ids(modules: dict[str, nn.Module], attn_path: str | None) -> frozenset[int]:
-    """The attention's weight-matrix leaves (``nn.Linear``, GPT-2's ``Conv1D``): its projections."""
-    if attn_path is None:
-        return frozenset()
-    return frozenset(
-        id(m) for m in modules[attn_path].modules()
-        if next(m.children(), None) is None and getattr(m, "weight", None) is not None and m.weight.dim() == 2
-    )
-
-
-def _module_ids(node: fx.Node, scope_of: dict[str, int]) -> frozenset[int]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return frozenset(scope_of[key] for key in stack if key in scope_of)
-
-
-def _is_activation(node: fx.Node) -> bool:
-    """A floating ``[B, S, width]`` tensor."""
-    value = node.meta.get("example_value")
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
-
-
-def _is_residual_tensor(node: fx.Node, hidden_size: int) -> bool:
-    return _is_activation(node) and node.meta["example_value"].shape[-1] == hidden_size
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADD_TARGETS
-    return node.op == "call_method" and node.target == "add"
-
-
-@dataclass(frozen=True, eq=False)
-class _LayerScope:
-    """The FX nodes traced inside one decoder layer, with the module scopes of each."""
-
-    nodes: frozenset[fx.Node]  # every node whose module stack holds the layer
-    direct: frozenset[fx.Node]  # those in no branch module: where residual adds can sit
-    scopes: dict[fx.Node, frozenset[int]]  # node -> ids of the modules active at it
-    branch_ids: dict[str, frozenset[int]]  # "attn" / "mlp" -> ids of that branch's subtree
-
-
-@dataclass(frozen=True)
-class _ResidualChain:
-    """A layer's residual stream: resid_pre, then one add per branch contribution."""
-
-    resid_pre: fx.Node
-    adds: tuple[fx.Node, ...]  # forward order; adds[-1] is resid_post
-    contributions: tuple[fx.Node, ...]  # contributions[i]: what adds[i] adds to the stream
-
-    @property
-    def stop(self) -> frozenset[fx.Node]:
-        """The chain's own nodes: a walk back from a contribution stops at them."""
-        return frozenset(self.adds) | {self.resid_pre}
-
-
-def _layer_sites(
-    scopes: dict[fx.Node, frozenset[int]],
-    layer_idx: int,
-    layer_id: int,
-    branch_ids: dict[str, frozenset[int]],
-    hidden_size: int,
-) -> dict[Site, SiteNode]:
-    """The sites of decoder layer ``layer_idx``, or none if its residual chain cannot be traced."""
-    layer = _layer_scope(scopes, layer_id, branch_ids)
-    resid_post = _resid_post(layer, hidden_size)
-    if resid_post is None:
-        return {}
-    chain = _residual_chain(resid_post, layer)
-    if chain is None or not _is_residual_tensor(chain.resid_pre, hidden_size):
-        return {}
-    labels = tuple(_branch_label(c, layer, chain.stop) for c in chain.contributions)
-    return _site_map(layer_idx, layer, chain, labels)
-
-
-def _layer_scope(
-    scopes: dict[fx.Node, frozenset[int]], layer_id: int, branch_ids: dict[str, frozenset[int]]
-) -> _LayerScope:
-    nodes = frozenset(node for node, ids in scopes.items() if layer_id in ids)
-    in_branch = frozenset().union(*branch_ids.values())
-    direct = frozenset(node for node in nodes if not scopes[node] & in_branch)
-    return _LayerScope(nodes, direct, scopes, branch_ids)
-
-
-def _resid_post(layer: _LayerScope, hidden_size: int) -> fx.Node | None:
-    """The one residual-shaped value the layer hands on, or None if there is not exactly one."""
-    escaping = [
-        node for node in layer.nodes
-        if _is_residual_tensor(node, hidden_size) and any(user not in layer.nodes for user in node.users)
-    ]
-    return escaping[0] if len(escaping) == 1 else None
-
-
-def _residual_chain(resid_post: fx.Node, layer: _LayerScope) -> _ResidualChain | None:
-    """Walk back from resid_post through residual adds to the value the layer received.
-
-    None if a step on the way is not a layer-scope add with exactly one residual operand.
-    """
-    adds: list[fx.Node] = []
-    contributions: list[fx.Node] = []
-    node = resid_post
-    while node in layer.nodes:
-        step = _chain_step(node, layer)
-        if step is None:
-            return None
-        adds.append(node)
-        node, contribution = step
-        contributions.append(contribution)
-    return _ResidualChain(node, tuple(reversed(adds)), tuple(reversed(contributions)))
-
-
-def _chain_step(node: fx.Node, layer: _LayerScope) -> tuple[fx.Node, fx.Node] | None:
-    """``(residual operand, contribution)`` of a residual add, or None if ``node`` is not one."""
-    if not (_is_add(node) and node in layer.direct):
-        return None
-    operands = [a for a in node.args if isinstance(a, fx.Node)]
-    residual = [a for a in operands if _on_chain(a, layer)]
-    if len(operands) != 2 or len(residual) != 1:
-        return None
-    contribution = operands[0] if operands[1] is residual[0] else operands[1]
-    return residual[0], contribution
-
-
-def _on_chain(node: fx.Node, layer: _LayerScope) -> bool:
-    """True if ``node`` carries the residual stream: produced outside the layer, or a
-    layer-scope add one of whose operands carries it. (A parallel ``attn + mlp`` sum
-    does not: both its operands come from branch modules.)"""
-    if node not in layer.nodes:
-        return True
-    if not (_is_add(node) and node in layer.direct):
-        return False
-    return any(_on_chain(a, layer) for a in node.args if isinstance(a, fx.Node))
-
-
-def _site_map(
-    layer_idx: int, layer: _LayerScope, chain: _ResidualChain, labels: tuple[str | None, ...]
-) -> dict[Site, SiteNode]:
-    """Name the chain's nodes as sites. resid_pre and resid_post always exist; the branch
-    sites only for the layer shapes we recognise: attention-then-MLP adds (sequential, or a
-    parallel block added one branch at a time) and one parallel ``attn + mlp`` add. A
-    parallel block has no resid_mid."""
-    # Only the layer's own users read the steered resid_pre, as under a forward pre-hook.
-    layer_users = frozenset(user for user in chain.resid_pre.users if user in layer.nodes)
-    sites = {
-        Site(layer_idx, SiteKind.RESID_PRE): SiteNode(chain.resid_pre, layer_users),
-        Site(layer_idx, SiteKind.RESID_POST): SiteNode(chain.adds[-1]),
-    }
-    if labels == ("attn", "mlp"):
-        sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(chain.contributions[0])
-        sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(chain.contributions[1])
-        # ``x + attn + mlp`` adds a parallel block's branches one at a time: the first sum is a
-        # resid_mid only if the MLP reads it.
-        if chain.adds[0] in _ancestors(chain.contributions[1]):
-            sites[Site(layer_idx, SiteKind.RESID_MID)] = SiteNode(chain.adds[0])
-    elif labels == ("both",):
-        parts = _split_parallel(chain.contributions[0], layer, chain.stop)
-        if parts is not None:
-            sites[Site(layer_idx, SiteKind.ATTN_OUT)] = SiteNode(parts[0])
-            sites[Site(layer_idx, SiteKind.MLP_OUT)] = SiteNode(parts[1])
-    return sites
-
-
-def _branch_label(contribution: fx.Node, layer: _LayerScope, stop: frozenset[fx.Node]) -> str | None:
-    """Which branch modules computed ``contribution``: "attn", "mlp", "both" (a parallel
-    block adds their sum in one step), or None (neither: not a branch output)."""
-    touched = set()
-    for node in _branch_nodes(contribution, layer.nodes, stop):
-        touched.update(name for name, ids in layer.branch_ids.items() if layer.scopes[node] & ids)
-    if touched == {"attn"}:
-        return "attn"
-    if touched == {"mlp"}:
-        return "mlp"
-    return "both" if touched == {"attn", "mlp"} else None
-
-
-def _branch_nodes(start: fx.Node, inside: frozenset[fx.Node], stop: frozenset[fx.Node]) -> Iterable[fx.Node]:
-    """Ancestors of ``start`` within the layer, not crossing the residual chain."""
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node in seen or node in stop or node not in inside:
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
-    return seen
-
-
-def _split_parallel(
-    contribution: fx.Node, layer: _LayerScope, stop: frozenset[fx.Node]
-) -> tuple[fx.Node, fx.Node] | None:
-    """For ``attn + mlp`` added to the residual in one step, the (attn_out, mlp_out) nodes."""
-    if not _is_add(contribution):
-        return None
-    operands = [a for a in contribution.args if isinstance(a, fx.Node)]
-    if len(operands) != 2:
-        return None
-    labels = [_branch_label(a, layer, stop) for a in operands]
-    if labels == ["attn", "mlp"]:
-        return operands[0], operands[1]
-    if labels == ["mlp", "attn"]:
-        return operands[1], operands[0]
-    return None
-
-
-def _branch_input_sites(
-    scopes: dict[fx.Node, frozenset[int]],
-    layer_idx: int,
-    sites: dict[Site, SiteNode],
-    mlp_ids: frozenset[int],
-    projections: frozenset[int],
-) -> dict[Site, SiteNode]:
-    """attn.hook_z and hook_mlp_in of a layer whose attn_out / mlp_out were found. Each is read
-    only by the module it feeds, so other readers of the same value keep the unsteered one."""
-    found = {}
-    attn_out = sites.get(Site(layer_idx, SiteKind.ATTN_OUT))
-    if attn_out is not None:
-        out_projection = _last_projection(attn_out.node, scopes, projections)
-        z = None if out_projection is None else _module_input(scopes, frozenset({out_projection}))
-        if z is not None:
-            found[Site(layer_idx, SiteKind.ATTN_Z)] = z
-    mlp_in = _module_input(scopes, mlp_ids) if Site(layer_idx, SiteKind.MLP_OUT) in sites else None
-    if mlp_in is not None:
-        found[Site(layer_idx, SiteKind.MLP_IN)] = mlp_in
-    return found
-
-
-def _last_projection(attn_out: fx.Node, scopes: dict[fx.Node, frozenset[int]], projections: frozenset[int]) -> int | None:
-    """The projection that ran last before ``attn_out`` (the output projection), by module id."""
-    ancestors = _ancestors(attn_out)
-    for node in reversed(scopes):  # graph order, latest first
-        if node in ancestors and scopes[node] & projections:
-            (projection,) = scopes[node] & projections
-            return projection
-    return None
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(current.all_input_nodes)
-    return seen
-
-
-def _module_input(scopes: dict[fx.Node, frozenset[int]], module_ids: frozenset[int]) -> SiteNode | None:
-    """The one activation the module(s) ``module_ids`` read from outside themselves, as a site
-    read only by them; None if there is not exactly one."""
-    inside = [node for node, ids in scopes.items() if ids & module_ids]
-    inputs = {
-        source for node in inside for source in node.all_input_nodes
-        if not scopes.get(source, frozenset()) & module_ids and _is_activation(source)
-    }
-    if len(inputs) != 1:
-        return None
-    (source,) = inputs
-    return SiteNode(source, frozenset(user for user in source.users if scopes[user] & module_ids))
+def why_missing(site: Site, available: Iterable[Site]) -> str:
+    """Why the model has no tensor for ``site``, read from the sites its layer does have."""
+    kinds = {s.kind for s in available if s.layer == site.layer}
+    layer = f"layer {site.layer}"
+    if not kinds:
+        return f"{layer} exposes no sites: its residual stream is not one [batch, seq, hidden] tensor aligned with the input tokens"
+    if kinds <= {SiteKind.RESID_PRE, SiteKind.RESID_POST}:
+        return (
+            f"{layer}'s output is not its input plus branch outputs (its residual stream is restarted, "
+            "multi-stream or looped), so only resid_pre and resid_post exist there"
+        )
+    if site.kind in (SiteKind.ATTN_OUT, SiteKind.ATTN_Z, SiteKind.RESID_MID) and SiteKind.ATTN_OUT not in kinds:
+        return f"{layer} adds one branch, its MLP, and no token mixer; its output is mlp_out"
+    if site.kind in (SiteKind.RESID_MID, SiteKind.MLP_OUT, SiteKind.MLP_IN) and SiteKind.MLP_OUT not in kinds:
+        return f"{layer} adds one branch (a token mixer such as Mamba, or attention alone) and no MLP; its output is attn_out"
+    if site.kind is SiteKind.RESID_MID:
+        return f"{layer} adds attention and MLP to the residual stream in parallel, so there is no resid_mid between them"
+    if site.kind is SiteKind.ATTN_Z:
+        return f"{layer}'s token mixer has no attention output projection reading the concatenated heads"
+    if site.kind is SiteKind.MLP_IN:
+        return f"{layer}'s MLP is not one module reading one input (its projections sit on the layer itself)"
+    return f"{layer} has no {site.kind.hook} tensor"

@@ -1,0 +1,86 @@
+"""Site discovery on the layer shapes beyond a plain pre-LN block, each checked by the
+architecture sweep's own checks (``tests/test_architecture_sweep.py``: the eager hook
+reference, unsteered logits, no recompiles) on one architecture that has it, and the errors
+that say why a site is absent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import sae_compile as sc
+from sae_compile.lowering.sites import Site, SiteKind, why_missing
+from tests.sweep_models import try_build
+from tests.test_architecture_sweep import ARCHS, sweep_one
+
+#: name -> (the layer shape it has, the hooks steer() must find on layer 0)
+REPRESENTATIVES = {
+    "gemma4_text": ("scaled after the last add (*= layer_scalar), after a per-layer-embedding add", "pre z attn mid mlp_in mlp post"),
+    "bloom": ("the residual added inside the attention and MLP modules", "pre z attn mid mlp_in mlp post"),
+    "openai-gpt": ("post-LN: the layer returns a LayerNorm of each sum", "pre z attn mid mlp_in mlp post"),
+    "minimax": ("the normalised input is the residual, scaled: alpha * x + beta * branch", "pre z attn mid mlp_in mlp post"),
+    "mamba": ("one branch, a Mamba mixer, on a residual cast to fp32", "pre attn post"),
+    "lfm2_moe": ("a hybrid stack: a convolution layer (layer 0) beside attention layers", "pre attn mid mlp_in mlp post"),
+}
+SHORT = {
+    "pre": SiteKind.RESID_PRE, "z": SiteKind.ATTN_Z, "attn": SiteKind.ATTN_OUT, "mid": SiteKind.RESID_MID,
+    "mlp_in": SiteKind.MLP_IN, "mlp": SiteKind.MLP_OUT, "post": SiteKind.RESID_POST,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPRESENTATIVES))
+def test_layer_shape_steers_like_the_reference(name: str) -> None:
+    """Every site found steers like the hook reference, and layer 0 has the hooks its shape has."""
+    result = sweep_one(next(arch for arch in ARCHS if arch.name == name))
+    assert result.status == "pass", result.summary()
+    layer0 = [site for site in result.sites if site.startswith("blocks.0.")]
+    expected = [Site(0, SHORT[hook]).name for hook in REPRESENTATIVES[name][1].split()]
+    assert layer0 == expected
+
+
+def _available(*hooks: str) -> set[Site]:
+    return {Site(0, SHORT[hook]) for hook in hooks} | {Site(1, kind) for kind in SiteKind}
+
+
+@pytest.mark.parametrize(
+    ("have", "asked", "reason"),
+    [
+        ("pre attn mlp post", "mid", "in parallel"),
+        ("pre attn post", "mlp", "no MLP"),
+        ("pre attn post", "mid", "no MLP"),
+        ("pre mlp post", "attn", "no token mixer"),
+        ("pre post", "attn", "only resid_pre and resid_post"),
+        ("pre attn mid mlp post", "z", "no attention output projection"),
+        ("pre attn mid mlp post", "mlp_in", "not one module"),
+    ],
+)
+def test_why_missing_names_the_layer_shape(have: str, asked: str, reason: str) -> None:
+    why = why_missing(Site(0, SHORT[asked]), _available(*have.split()))
+    assert why.startswith("layer 0") and reason in why
+
+
+def test_why_missing_on_a_layer_without_sites() -> None:
+    assert "exposes no sites" in why_missing(Site(2, SiteKind.RESID_PRE), _available("pre post"))
+
+
+@pytest.fixture(scope="module")
+def mamba() -> transformers.PreTrainedModel:
+    model, why = try_build(next(arch for arch in ARCHS if arch.name == "mamba"))
+    assert model is not None, why
+    return model
+
+
+def test_a_mamba_block_has_no_mlp_and_says_so(mamba: transformers.PreTrainedModel) -> None:
+    """Asking for an MLP site of a one-branch block is an error naming the block's shape, and
+    its mixer output steers as attn_out."""
+    for hook in ("hook_mlp_out", "hook_resid_mid"):
+        with pytest.raises(ValueError, match="adds one branch"):
+            sc.steer(mamba, sites=[f"blocks.0.{hook}"], backend="aot_eager")
+    steered = sc.steer(mamba, sites=["blocks.0.hook_attn_out"], backend="aot_eager")
+    ids = torch.tensor([[1, 5, 9]])
+    vector = torch.linspace(-1.0, 1.0, steered.site_shapes()["blocks.0.hook_attn_out"][-1])
+    with torch.no_grad():
+        plain = mamba(ids).logits
+        moved = steered(ids, steering=sc.Steering(sc.AddVector("blocks.0.hook_attn_out", vector, 2.0))).logits
+    assert not torch.allclose(plain, moved)
