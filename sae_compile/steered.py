@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import operator
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -239,6 +240,8 @@ class SteeredModel:
         self._calls = SlotManager(self._by_name, routing, resolve, routing.capacity.call_rows, self._lock)
         self._call_steerings: tuple[Steering, ...] = ()
         self._call_ids: tuple[_CallRow, ...] = ()
+        self._call_rows: tuple[Steering | None, ...] = ()  # the last call's per-row steerings, as given
+        self._call_batch_ids: list[_CallRow | None] = []  # and the call rows they were routed to
         self._call_routed = False
         self._generator: nn.Module | None = None
         by_name = self._by_name  # closed over instead of self: no reference cycle holds the model
@@ -340,9 +343,9 @@ class SteeredModel:
     def _call_prompt_lens(
         prompt_len: int | Sequence[int] | None, per_row: list[Steering | None], seq: int, kwargs: dict[str, Any]
     ) -> list[int] | torch.Tensor:
-        """The call's prompt lengths (see ``_prompt_lens``). Unsteered rows never read theirs, so a
-        call that steers no row skips the default's cache-length read (a device op on a static cache)."""
-        if prompt_len is None and all(s is None for s in per_row):
+        """The call's prompt lengths (see ``_prompt_lens``). Unsteered and ``tokens="all"`` rows never
+        read theirs, so such a call skips the default's cache-length read (a device op on a static cache)."""
+        if prompt_len is None and all(s is None or s.tokens == "all" for s in per_row):
             return [seq] * len(per_row)
         return _prompt_lens(prompt_len, len(per_row), seq, _past_length(kwargs))
 
@@ -534,6 +537,11 @@ class SteeredModel:
         """Admit the distinct steerings of a call in the call rows (atomically replacing the last
         call's, which are kept while they are reused) and route the batch through them."""
         self._check_tokens(len(per_row), seq)
+        if len(per_row) == len(self._call_rows) and all(map(operator.is_, per_row, self._call_rows)):
+            # The same steering objects as the last call (a decode loop): the same rows, unhashed.
+            self._calls.assign(self._call_batch_ids, prompt_lens)
+            self._call_routed = True
+            return
         distinct = tuple(dict.fromkeys(s for s in per_row if s is not None))
         if distinct and not self._states:
             raise ValueError("steering was given but no site is attached; pass saes= or sites= to sc.steer().")
@@ -541,12 +549,14 @@ class SteeredModel:
             ids = tuple(_CallRow(i) for i in range(len(distinct)))
             self._calls.replace(self._call_ids, {rid: (s, 0) for rid, s in zip(ids, distinct, strict=True)})
             self._call_steerings, self._call_ids = distinct, ids
-        self._calls.assign(self._call_batch(per_row), prompt_lens)
+        self._call_rows, self._call_batch_ids = tuple(per_row), self._call_batch(per_row)
+        self._calls.assign(self._call_batch_ids, prompt_lens)
         self._call_routed = True
 
     def _release_call_rows(self) -> None:
         self._calls.replace(self._call_ids, {})
         self._call_steerings, self._call_ids = (), ()
+        self._call_rows, self._call_batch_ids = (), []
 
     def _call_batch(self, per_row: list[Steering | None]) -> list[_CallRow | None]:
         index = {s: rid for s, rid in zip(self._call_steerings, self._call_ids, strict=True)}

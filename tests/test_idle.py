@@ -1,9 +1,12 @@
-"""Idle steps: an unsteered call after another costs no routing work, and nothing about it leaks.
+"""Repeated steps: an unsteered call after another costs no routing work, a call with the
+same steering objects as the last re-stages nothing, and nothing about either leaks.
 
 A call with ``steering=None`` at a shape whose unsteered routing stands skips assignment and
-routing, and the op copies ``x`` without running a path. These tests pin what that must keep:
-the plain logits after steering, steering taking effect again at once, zero recompiles, the
-padding that recording reads, and every path under warmup.
+routing, and the op copies ``x`` without running a path. Rows that do not read their prompt
+length (unsteered, ``tokens="all"``) are not rewritten for a new one. These tests pin what that
+must keep: the plain logits after steering, steering taking effect again at once, zero
+recompiles, the padding that recording reads, prompt lengths once a scope reads them, and every
+path under warmup.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import sae_compile as sc
 from sae_compile.lowering.kernels import steer, torch_path
-from sae_compile.runtime.state import RoutingState, every_path
+from sae_compile.runtime.state import SCOPE_ALL, SCOPE_PROMPT, Capacity, RoutingState, every_path
 from tests.factories import assert_rel_close, random_sae
 from tests.models import hidden_size, make_model
 from tests.reference import reference_logits
@@ -148,3 +151,32 @@ def test_the_op_copies_an_idle_input_but_runs_every_path_under_warmup(llama, mon
     with every_path():
         assert torch.equal(steer.steer_site(x, site), x)
     assert calls == [1]
+
+
+def test_a_decode_loop_with_one_steering_object_matches_the_reference(llama) -> None:
+    """Every step passes the same objects (the identity shortcut) on a static cache, whose
+    length lives on the device (no prompt-length write for tokens="all")."""
+    import transformers
+
+    model, saes, steered = llama
+    x = ids(2, 7, seed=5)
+    per_row = [CLAMP, sc.Steering(sc.Clamp(SITE, 5, 3.0, "scale"))]
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(x[:, :4], past_key_values=cache)  # allocate the cache eagerly
+        cache.reset()
+        steered(x[:, :4], past_key_values=cache, steering=per_row)
+        steps = [steered(x[:, t : t + 1], past_key_values=cache, steering=per_row).logits for t in range(4, 7)]
+    expected = reference_logits(model, x, saes=saes, steering=per_row)[:, 4:]
+    assert_rel_close(torch.cat(steps, dim=1), expected, 1e-5)
+
+
+def test_prompt_lengths_left_unwritten_are_written_once_a_scope_reads_them() -> None:
+    routing = RoutingState(Capacity(max_rows=2, max_batch=2, max_tokens=16), torch.float32, torch.device("cpu"))
+    routing.set_scope(1, SCOPE_ALL)
+    routing.assign([1, 0], [3, 3])
+    routing.assign([1, 0], [5, 5])  # row 1 steers every token: the new length is not read yet
+    routing.set_scope(1, SCOPE_PROMPT)
+    routing.route(torch.arange(6), None, 2, 6)
+    assert routing.token_mask[:6].tolist() == [True] * 5 + [False]
+    assert not routing.token_mask[6:12].any()

@@ -109,7 +109,8 @@ class RoutingState:
         self._token_layout: tuple | None = None  # what token_rows and token_prompt_len hold
         self._scope_host = [0] * capacity.table_rows
         self._assigned: tuple[int, ...] = ()
-        self._prompt_lens: tuple[int, ...] | None = ()
+        self._prompt_lens: tuple[int, ...] | None = ()  # what batch_prompt_len holds (None: a device value)
+        self._pending_lens: list[int] | torch.Tensor | None = None  # asked for, unwritten: nothing read them
         self._version = 0
         self._routed: tuple | None = None
         # (batch, seq, version) of the last route of an all-unsteered assignment: the mask of
@@ -151,21 +152,40 @@ class RoutingState:
 
         ``prompt_lens`` may be a 0-d tensor on the device, shared by every row: a length that a
         static cache holds on the device is then used without reading it back (no host sync).
+        A serving loop re-assigns every step, so unchanged rows cost nothing; new prompt lengths
+        for them are written only once a row's scope reads them (``_route_scoped``).
         """
         on_device = isinstance(prompt_lens, torch.Tensor)
-        if tuple(rows) == self._assigned and (not any(rows) or not on_device and tuple(prompt_lens) == self._prompt_lens):
-            # A serving loop re-assigns every step; unchanged routing costs nothing. Unsteered rows
-            # (row 0, which has no scope) never read their prompt lengths, so those need no write.
-            return
+        if tuple(rows) == self._assigned:
+            if not on_device and tuple(prompt_lens) == self._prompt_lens:
+                self._pending_lens = None
+                return
+            if not self._reads_prompt_lens(rows):
+                # Unsteered or tokens="all" rows: nothing reads them (yet).
+                self._pending_lens = prompt_lens if on_device else tuple(prompt_lens)
+                return
         # Batch rows past the assignment are unsteered, not whatever an earlier, larger one left.
         unassigned = [0] * (self.capacity.max_batch - len(rows))
         self.batch_rows.copy_(torch.tensor(rows + unassigned, dtype=torch.long), non_blocking=True)
-        if on_device:
-            self.batch_prompt_len.zero_()[: len(rows)].copy_(prompt_lens.expand(len(rows)))
-        else:
-            self.batch_prompt_len.copy_(torch.tensor(list(prompt_lens) + unassigned, dtype=torch.long), non_blocking=True)
-        self._assigned, self._prompt_lens = tuple(rows), None if on_device else tuple(prompt_lens)
+        self._assigned = tuple(rows)
+        self._write_prompt_lens(prompt_lens)
         self._version += 1
+
+    def _write_prompt_lens(self, prompt_lens: list[int] | torch.Tensor | tuple[int, ...]) -> None:
+        """``batch_prompt_len`` for the assigned rows (0 past them)."""
+        count = len(self._assigned)
+        if isinstance(prompt_lens, torch.Tensor):
+            self.batch_prompt_len.zero_()[:count].copy_(prompt_lens.expand(count))
+            self._prompt_lens = None
+        else:
+            unassigned = [0] * (self.capacity.max_batch - count)
+            self.batch_prompt_len.copy_(torch.tensor(list(prompt_lens) + unassigned, dtype=torch.long), non_blocking=True)
+            self._prompt_lens = tuple(prompt_lens)
+        self._pending_lens = None
+
+    def _reads_prompt_lens(self, rows: Sequence[int]) -> bool:
+        """Whether any of ``rows`` has a scope that depends on the prompt length (prompt, generated)."""
+        return any(self._scope_host[r] in (SCOPE_PROMPT, SCOPE_GENERATED) for r in rows)
 
     def route(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, batch: int, seq: int) -> None:
         """Device-only: mark the tokens of the next forward that are steered.
@@ -190,6 +210,8 @@ class RoutingState:
     def _route_scoped(self, positions: torch.Tensor, valid: torch.Tensor | None, batch: int, seq: int) -> None:
         """The mask from each row's scope and prompt length, and ``valid [B, S]`` (padding) if given."""
         rows, token_mask, token_weight = self.view(batch, seq)  # [B], [B, S], [B, S]
+        if self._pending_lens is not None and self._reads_prompt_lens(self._assigned[:batch]):
+            self._write_prompt_lens(self._pending_lens)  # a scope that reads them came in since
         in_prompt = positions.reshape(-1, seq) < self.batch_prompt_len[:batch, None]  # [B, S]
         mask = _scope_mask(self.row_scope[rows][:, None], in_prompt)  # [B, S]
         token_mask.copy_(mask if valid is None else mask & valid)
