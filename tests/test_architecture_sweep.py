@@ -673,41 +673,20 @@ def sweep_one(arch: Arch) -> SweepResult:
 
 #: Architectures that fail today, with why: what layer 0's Dynamo graph and the HF source show
 #: (transformers 5.24). Strict xfails: a fix makes the test XPASS, and the entry must then go.
-_CAST = "no sites: the residual is cast (residual_in_fp32: .to(float32)) before the add"
-_SCALED = "no sites: a scaled residual (a * x + b * branch, or a depth-scaled add)"
-_INSIDE = "no sites: the residual add is done inside the attention/MLP module, not at layer scope"
-_POST_LN = "no sites: post-LN, the layer returns a LayerNorm of the sum"
 _STREAMS = "no sites: a multi-stream 4-D residual; the reference cannot name a [B, S, D] stream either"
-_MIXED = "layer stack not recognised: one ModuleList mixes decoder-layer classes"
-_COUNT = "layer stack not recognised: config.num_hidden_layers counts something else"
-_TRACE = "the discovery trace fails (plain torch.compile(fullgraph=True) fails on the model)"
-_MIXER = "partial: a layer whose token mixer is no attention module (Mamba, conv, recurrent) gets no resid_mid/mlp_out"
-_NO_MLP = "partial: no MLP module (fc1/fc2 sit on the layer), so no branch sites"
+_LOOPED = "no sites: its layers run more than once per forward (a looped stack), so no one tensor is a site"
+_MOE_BREAKS = (
+    "no sites: the model compiles only with fullgraph=False, and its MoE's data-dependent expert loop breaks "
+    "the graph inside every layer, so no piece holds a whole layer"
+)
 KNOWN_FAILURES: dict[str, str] = {
-    "mamba": _CAST, "mamba2": _CAST, "falcon_mamba": _CAST,
-    "beam": _SCALED, "doge": _SCALED, "minimax": _SCALED,
-    "dory": "no sites: looped layers (run more than once per forward) and x + lambda * (update - x)",
-    # hidden_states *= layer_scalar after the last add: the layer returns an imul, not an add.
-    "gemma4_text": "no sites: multiplied after the last add (*= layer_scalar)",
-    "gemma4_unified_text": "no sites: multiplied after the last add (*= layer_scalar)",
-    "gemma4 (wrapper)": "no sites: Gemma 4's text decoder multiplies after the last add (*= layer_scalar)",
-    "bloom": _INSIDE, "mpt": _INSIDE,
-    "cpmant": _INSIDE + " (and 32 prompt positions are prepended to the sequence)",
-    "zaya": _INSIDE + " (ZayaResidualScaling, with casts)",
-    "openai-gpt": _POST_LN, "trocr": _POST_LN,
-    "xlnet": _POST_LN + ", inside its modules, on sequence-first [S, B, D] states",
-    "opt": "no sites: the MLP runs on a 2-D reshape and the sum is viewed back to [B, S, D]",
+    "cpmant": "no sites: 32 prompt positions are prepended to the sequence, so no stream is aligned with the input tokens",
+    "dbrx": _MOE_BREAKS, "qwen4_exp_text": _MOE_BREAKS, "longcat_flash": _MOE_BREAKS,
     "gemma3n_text": _STREAMS + " (AltUp: [4, B, S, D])",
     "deepseek_v4": _STREAMS + " (hyper-connections: [B, S, 4, D])", "hy_v4": _STREAMS + " (hyper-connections)",
-    "jamba": _MIXED, "olmo_hybrid": _MIXED, "inkling2_text": _MIXED, "inkling2_loop_text": _MIXED,
-    "zamba2": "layer stack not recognised: picks a 1-item adapter ModuleList in the shared block",
-    "hrm_text": _COUNT + " (it loops two stacks)", "longcat_flash": _COUNT + " (two sublayers per layer)",
-    "ctrl": _TRACE + ": Unsupported python_type() call",
-    "dbrx": _TRACE + ": data-dependent expression in the MoE", "qwen4_exp_text": _TRACE + ": data-dependent expression",
-    "biogpt": _NO_MLP, "xglm": _NO_MLP,
-    "falcon": "partial: the parallel sum is added in place onto the MLP output (mlp_output += attn), then dropout_add",
-    "bamba": _MIXER, "xlstm": _MIXER, "lfm2_moe": _MIXER, "lfm3": _MIXER, "recurrent_gemma": _MIXER,
-    "rwkv": "partial: block 0 normalises its input (pre_ln) before the residual chain: no resid_pre/resid_post there",
+    "dory": _LOOPED + " (and x + lambda * (update - x))", "hrm_text": _LOOPED + " (two stacks, looped)",
+    "xlnet": "no sites: post-LN inside its modules, on sequence-first [S, B, D] states; the reference cannot name them either",
+    "opt": "partial: the MLP runs on a 2-D [B * S, D] reshape and the sum is viewed back, so mlp_out is not a [B, S, D] tensor",
 }
 
 ARCHS, SKIPPED = sweep_archs()

@@ -17,8 +17,9 @@ from tests.test_architecture_sweep import ARCHS, sweep_one
 #: name -> (the layer shape it has, the hooks steer() must find on layer 0)
 REPRESENTATIVES = {
     "gemma4_text": ("scaled after the last add (*= layer_scalar), after a per-layer-embedding add", "pre z attn mid mlp_in mlp post"),
-    "bloom": ("the residual added inside the attention and MLP modules", "pre z attn mid mlp_in mlp post"),
-    "openai-gpt": ("post-LN: the layer returns a LayerNorm of each sum", "pre z attn mid mlp_in mlp post"),
+    # BLOOM's MLP module receives the residual too, so no one tensor is its input: no mlp_in.
+    "bloom": ("the residual added inside the attention and MLP modules", "pre z attn mid mlp post"),
+    "openai-gpt": ("post-LN: the layer returns a LayerNorm of each sum", "pre z attn mid mlp post"),
     "minimax": ("the normalised input is the residual, scaled: alpha * x + beta * branch", "pre z attn mid mlp_in mlp post"),
     "mamba": ("one branch, a Mamba mixer, on a residual cast to fp32", "pre attn post"),
     "lfm2_moe": ("a hybrid stack: a convolution layer (layer 0) beside attention layers", "pre attn mid mlp_in mlp post"),
@@ -61,7 +62,7 @@ def test_why_missing_names_the_layer_shape(have: str, asked: str, reason: str) -
 
 
 def test_why_missing_on_a_layer_without_sites() -> None:
-    assert "exposes no sites" in why_missing(Site(2, SiteKind.RESID_PRE), _available("pre post"))
+    assert "exposes no sites" in why_missing(Site(2, SiteKind.RESID_PRE), _available("pre", "post"))
 
 
 @pytest.fixture(scope="module")

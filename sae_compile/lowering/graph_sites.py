@@ -56,8 +56,11 @@ def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) ->
     scopes = {node: _module_ids(node, scope_of) for node in graph.nodes}  # in graph order
     # Norms are known by class name (LayerNorm, RMSNorm, ...): HF has no common base class.
     norm_ids = frozenset(id(m) for m in modules.values() if "norm" in type(m).__name__.lower())
+    looped = _called_again(graph)
     found: dict[Site, SiteNode] = {}
     for layer_idx, layer in enumerate(layout.layers):
+        if str(id(layer)) in looped:
+            continue  # a looped stack: no one tensor per site
         branch_ids = {
             "attn": _subtree_ids(modules, layout.attn_paths[layer_idx]),
             "mlp": _subtree_ids(modules, layout.mlp_paths[layer_idx]),
@@ -66,6 +69,14 @@ def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) ->
         projections = _projection_ids(modules, layout.attn_paths[layer_idx])
         found.update(sites | _branch_input_sites(scopes, layer_idx, sites, branch_ids["mlp"], projections))
     return found
+
+
+def _called_again(graph: fx.Graph) -> frozenset[str]:
+    """The ``nn_module_stack`` keys of modules called more than once: Dynamo keys a module's
+    second call ``"<key>@1"``."""
+    return frozenset(
+        key.partition("@")[0] for node in graph.nodes for key in node.meta.get("nn_module_stack") or {} if "@" in key
+    )
 
 
 def _subtree_ids(modules: dict[str, nn.Module], path: str | None) -> frozenset[int]:

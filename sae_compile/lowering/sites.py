@@ -168,12 +168,15 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _named_under_decoder(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``model.named_modules()`` restricted to the subtree of ``model.get_decoder()``, if any."""
+    """``model.named_modules()``, restricted to ``model.get_decoder()``'s subtree on a model with
+    a composite config (a multimodal wrapper). A text model's ``get_decoder()`` is a best-effort
+    lookup that can return its LM head (ModernBERT's ``decoder``), so it is not asked."""
     named = list(model.named_modules())
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    prefix = next((path for path, m in named if m is decoder), None)
-    if prefix is None or prefix == "":
+    config = getattr(model, "config", None)
+    composite = hasattr(config, "get_text_config") and config.get_text_config() is not config
+    decoder = model.get_decoder() if composite and hasattr(model, "get_decoder") else None
+    prefix = next((path for path, m in named if m is decoder), "")
+    if not prefix:
         return named
     return [(path, m) for path, m in named if path == prefix or path.startswith(prefix + ".")]
 
@@ -237,7 +240,10 @@ def why_missing(site: Site, available: Iterable[Site]) -> str:
     kinds = {s.kind for s in available if s.layer == site.layer}
     layer = f"layer {site.layer}"
     if not kinds:
-        return f"{layer} exposes no sites: its residual stream is not one [batch, seq, hidden] tensor aligned with the input tokens"
+        return (
+            f"{layer} exposes no sites: its residual stream is not one [batch, seq, hidden] tensor aligned with "
+            "the input tokens, or the layer runs more than once per forward"
+        )
     if kinds <= {SiteKind.RESID_PRE, SiteKind.RESID_POST}:
         return (
             f"{layer}'s output is not its input plus branch outputs (its residual stream is restarted, "
