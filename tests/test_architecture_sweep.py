@@ -33,7 +33,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -86,11 +86,14 @@ def _stream(value: Any, shape: torch.Size) -> torch.Tensor | None:
 
 
 def _hidden_input(args: tuple, kwargs: dict[str, Any], batch: int, seq: int) -> tuple[int | str, torch.Tensor] | None:
-    """``(where, tensor)`` of the ``[B, S', D]`` float hidden state a layer receives: positional
-    argument 0, or the ``hidden_states`` keyword (else the one keyword holding such a tensor).
-    ``S'`` may exceed ``S``: CPM-Ant prepends prompt positions."""
+    """``(where, tensor)`` of the float hidden state a layer receives: positional argument 0, or
+    the ``hidden_states`` keyword (else the one keyword holding such a tensor). It is
+    ``[B, S', D]`` (``S'`` may exceed ``S``: CPM-Ant prepends prompt positions) or, in a
+    sequence-first model (XLNet), ``[S, B, D]``."""
     def ok(v: Any) -> bool:
-        return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3 and v.shape[0] == batch and v.shape[1] >= seq
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 3):
+            return False
+        return (v.shape[0] == batch and v.shape[1] >= seq) or _sequence_first(v, batch, seq)
 
     if args and ok(args[0]):
         return 0, args[0]
@@ -98,6 +101,11 @@ def _hidden_input(args: tuple, kwargs: dict[str, Any], batch: int, seq: int) -> 
         return "hidden_states", kwargs["hidden_states"]
     found = [(k, v) for k, v in kwargs.items() if ok(v)]
     return found[0] if len(found) == 1 else None
+
+
+def _sequence_first(x: torch.Tensor, batch: int, seq: int) -> bool:
+    """Whether ``x`` is a ``[S, B, D]`` stream (the sweep's ids have ``B != S``)."""
+    return tuple(x.shape[:2]) == (seq, batch) != (batch, seq)
 
 
 def _replace_input(args: tuple, kwargs: dict[str, Any], where: int | str, new: torch.Tensor) -> tuple[tuple, dict]:
@@ -134,9 +142,10 @@ def _layer_candidates(model: nn.Module) -> list[nn.Module]:
 def find_layers(model: nn.Module, ids: torch.Tensor) -> list[tuple[nn.Module, int | str]]:
     """The decoder layers, in the order they run, each with where it takes its hidden state.
 
+    A layer that runs more than once per forward (a looped stack) is listed at its first call;
+    its hooks then fire at every call, as the steered model's sites steer every call.
     Raises ``Unidentified`` if none takes a ``[B, S, D]`` hidden state (multi-stream or
-    sequence-first layouts), if one runs more than once per forward (looped stacks), or if they
-    are not, in order, the items of one ``ModuleList``.
+    sequence-first layouts), or if they are not, in order, the items of one ``ModuleList``.
     """
     calls: list[tuple[nn.Module, int | str]] = []
 
@@ -149,12 +158,14 @@ def find_layers(model: nn.Module, ids: torch.Tensor) -> list[tuple[nn.Module, in
     with _hooked([m.register_forward_pre_hook(record, with_kwargs=True) for m in candidates]), torch.no_grad():
         model(input_ids=ids, use_cache=False)
     nested = {id(sub) for m, _ in calls for sub in m.modules() if sub is not m}
-    layers = [(m, where) for m, where in calls if id(m) not in nested]
+    first_calls: dict[int, tuple[nn.Module, int | str]] = {}
+    for m, where in calls:
+        if id(m) not in nested:
+            first_calls.setdefault(id(m), (m, where))
+    layers = list(first_calls.values())
     if not layers:
         names = sorted({type(m).__name__ for m in candidates})
         raise Unidentified(f"no block ({', '.join(names)}) takes a [B, S, D] hidden state")
-    if len({id(m) for m, _ in layers}) != len(layers):
-        raise Unidentified("a decoder layer runs more than once per forward")
     if not any(list(ml) == [m for m, _ in layers] for ml in model.modules() if isinstance(ml, nn.ModuleList)):
         raise Unidentified(f"the {len(layers)} blocks that run are not the items of one ModuleList")
     return layers
@@ -182,6 +193,7 @@ class LayerRef:
     single: Branch | None = None
     sequential: bool = False  # the MLP reads x + attn_out: resid_mid exists
     has_attention: bool = True  # a module class named *Attention* / *Attn* runs in the layer
+    sequence_first: bool = False  # the layer's stream is [S, B, D] (XLNet)
 
     @property
     def identified(self) -> bool:
@@ -205,12 +217,18 @@ class LayerRef:
 
 @dataclass
 class _Trace:
-    """One eager forward of a layer: its input ``x``, output ``out`` and every descendant's
-    ``[B, S, D]`` output (cloned when it finished: later in-place adds must not change it)."""
+    """The first call of a layer in one eager forward: its input ``x``, output ``out`` and every
+    descendant's ``[B, S, D]`` output (cloned when it finished: later in-place adds must not
+    change it). Later calls of a looped layer are not traced."""
 
     x: torch.Tensor | None = None
     out: torch.Tensor | None = None
     outputs: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def open(self) -> bool:
+        """Inside the first call: it has started and not finished."""
+        return self.x is not None and self.out is None
 
 
 def _trace_layers(model: nn.Module, ids: torch.Tensor, layers: list[LayerRef]) -> list[_Trace]:
@@ -219,13 +237,15 @@ def _trace_layers(model: nn.Module, ids: torch.Tensor, layers: list[LayerRef]) -
     handles = []
     for ref, trace in zip(layers, traces, strict=True):
         def pre(module, args, kwargs, *, ref=ref, trace=trace):
-            trace.x = _hidden_input(args, kwargs, *ids.shape)[1].detach().clone()
+            if trace.x is None:
+                trace.x = _hidden_input(args, kwargs, *ids.shape)[1].detach().clone()
 
         def post(module, args, out, *, trace=trace):
-            trace.out = _first(out).detach().clone()
+            if trace.open:
+                trace.out = _first(out).detach().clone()
 
         def child(module, args, out, *, trace=trace):
-            value = _stream(_first(out), trace.x.shape) if trace.x is not None else None
+            value = _stream(_first(out), trace.x.shape) if trace.open else None
             if value is not None:
                 trace.outputs.append((module, value.detach().clone()))
 
@@ -289,17 +309,20 @@ def _branches(trace: _Trace) -> tuple[Branch, Branch] | Branch | None:
 
 def _reads_attention(model: nn.Module, ids: torch.Tensor, attn: nn.Module, mlp: nn.Module) -> bool:
     """Whether ``mlp``'s output moves when ``attn``'s output does: then the MLP reads x + attn_out."""
-    seen: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []  # the MLP's first output in each forward (a looped layer runs it again)
 
     def grab(module, args, out):
-        seen.append(_first(out).detach().clone())
+        if len(seen) < runs:
+            seen.append(_first(out).detach().clone())
 
     def bump(module, args, out):
         # Not a constant shift: a LayerNorm before the MLP would remove that.
         value = _first(out)
         return _replace_output(out, value + torch.linspace(-0.5, 0.5, value.shape[-1], dtype=value.dtype))
 
+    runs = 0
     for perturb in (False, True):
+        runs += 1
         handles = [mlp.register_forward_hook(grab)] + ([attn.register_forward_hook(bump)] if perturb else [])
         with _hooked(handles), torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -310,6 +333,7 @@ def identify(model: nn.Module, ids: torch.Tensor) -> list[LayerRef]:
     """The reference's hook points in every decoder layer (``Unidentified`` if it cannot find them)."""
     layers = [LayerRef(module, where) for module, where in find_layers(model, ids)]
     for ref, trace in zip(layers, _trace_layers(model, ids, layers), strict=True):
+        ref.sequence_first = _sequence_first(trace.x, *ids.shape)
         found = _branches(trace)
         if isinstance(found, tuple):
             ref.attn, ref.mlp = found
@@ -352,9 +376,17 @@ class Plan:
     steering: sc.Steering
     saes: dict[str, sc.SAE]
     rows: list[bool]
+    sequence_first: bool = False  # the streams it steers are [S, B, D]
 
     def steer(self, x: torch.Tensor, site: str) -> torch.Tensor:
+        if self.sequence_first:
+            return _steer_rows(x.transpose(0, 1), site, self.steering, self.saes.get(site), self.rows).transpose(0, 1)
         return _steer_rows(x, site, self.steering, self.saes.get(site), self.rows)
+
+    def stream(self, value: torch.Tensor) -> torch.Tensor:
+        """A branch output (``[B, S, D]``, or flattened as ``[B * S, D]``) as a stream tensor."""
+        batch, width = len(self.rows), value.shape[-1]
+        return value.reshape((-1, batch, width) if self.sequence_first else (batch, -1, width))
 
     def at(self, site: str) -> bool:
         return site in self.steering.sites
@@ -363,6 +395,7 @@ class Plan:
 def _layer_hooks(idx: int, ref: LayerRef, plan: Plan) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks steering every residual-stream site of one layer that ``plan`` edits."""
     pre, attn, mid, mlp, post = (_site(idx, kind) for kind in RESIDUAL_KINDS)
+    plan = replace(plan, sequence_first=ref.sequence_first)
     captured: dict[str, torch.Tensor] = {}  # resid_pre after its own steering, for resid_mid
 
     def pre_hook(module, args, kwargs):
@@ -383,9 +416,9 @@ def _layer_hooks(idx: int, ref: LayerRef, plan: Plan) -> list[torch.utils.hooks.
     return handles
 
 
-def _added(value: torch.Tensor, scale: float, batch: int) -> torch.Tensor:
-    """``[B, S, D]``: what the layer adds for a branch module's output ``value`` (``scale * value``)."""
-    value = value.reshape(batch, -1, value.shape[-1])
+def _added(value: torch.Tensor, scale: float, plan: Plan) -> torch.Tensor:
+    """What the layer adds to its stream for a branch module's output ``value`` (``scale * value``)."""
+    value = plan.stream(value)
     return value if scale == 1.0 else value * scale
 
 
@@ -399,7 +432,7 @@ def _output_hook(plan: Plan, site: str, scale: float = 1.0) -> Callable[..., Any
     """A forward hook steering what a module adds (its output, ``[B, S, D]`` or flattened, times ``scale``)."""
     def hook(module, args, out):
         value = _first(out)
-        added = plan.steer(_added(value, scale, len(plan.rows)), site)
+        added = plan.steer(_added(value, scale, plan), site)
         return _replace_output(out, _module_output(added, scale, value))
     return hook
 
@@ -409,7 +442,7 @@ def _attn_hook(plan: Plan, attn: str, mid: str, captured: dict[str, torch.Tensor
     r into the branch output, a' = a + (steer(r) - r), in float64 and rounded once."""
     def hook(module, args, out):
         value = _first(out)
-        a = _added(value, scale, len(plan.rows))
+        a = _added(value, scale, plan)
         a = plan.steer(a, attn) if plan.at(attn) else a
         if plan.at(mid):
             r = captured["x"] + a
@@ -674,7 +707,6 @@ def sweep_one(arch: Arch) -> SweepResult:
 #: Architectures that fail today, with why: what layer 0's Dynamo graph and the HF source show
 #: (transformers 5.24). Strict xfails: a fix makes the test XPASS, and the entry must then go.
 _STREAMS = "no sites: a multi-stream 4-D residual; the reference cannot name a [B, S, D] stream either"
-_LOOPED = "no sites: its layers run more than once per forward (a looped stack), so no one tensor is a site"
 _MOE_BREAKS = (
     "no sites: the model compiles only with fullgraph=False, and its MoE's data-dependent expert loop breaks "
     "the graph inside every layer, so no piece holds a whole layer"
@@ -684,9 +716,7 @@ KNOWN_FAILURES: dict[str, str] = {
     "dbrx": _MOE_BREAKS, "qwen4_exp_text": _MOE_BREAKS, "longcat_flash": _MOE_BREAKS,
     "gemma3n_text": _STREAMS + " (AltUp: [4, B, S, D])",
     "deepseek_v4": _STREAMS + " (hyper-connections: [B, S, 4, D])", "hy_v4": _STREAMS + " (hyper-connections)",
-    "dory": _LOOPED + " (and x + lambda * (update - x))", "hrm_text": _LOOPED + " (two stacks, looped)",
-    "xlnet": "no sites: post-LN inside its modules, on sequence-first [S, B, D] states; the reference cannot name them either",
-    "opt": "partial: the MLP runs on a 2-D [B * S, D] reshape and the sum is viewed back, so mlp_out is not a [B, S, D] tensor",
+    "hrm_text": "no sites: two looped stacks (H and L) of one layer class, and num_hidden_layers counts neither, so blocks.N would be ambiguous",
 }
 
 ARCHS, SKIPPED = sweep_archs()

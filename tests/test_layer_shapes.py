@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import sae_compile as sc
+from sae_compile.lowering.op import STEER_OP
 from sae_compile.lowering.sites import Site, SiteKind, why_missing
 from tests.sweep_models import try_build
 from tests.test_architecture_sweep import ARCHS, sweep_one
@@ -19,10 +20,13 @@ REPRESENTATIVES = {
     "gemma4_text": ("scaled after the last add (*= layer_scalar), after a per-layer-embedding add", "pre z attn mid mlp_in mlp post"),
     # BLOOM's MLP module receives the residual too, so no one tensor is its input: no mlp_in.
     "bloom": ("the residual added inside the attention and MLP modules", "pre z attn mid mlp post"),
-    "openai-gpt": ("post-LN: the layer returns a LayerNorm of each sum", "pre z attn mid mlp post"),
+    "openai-gpt": ("post-LN: the layer returns a LayerNorm of each sum", "pre z attn mid mlp_in mlp post"),
     "minimax": ("the normalised input is the residual, scaled: alpha * x + beta * branch", "pre z attn mid mlp_in mlp post"),
     "mamba": ("one branch, a Mamba mixer, on a residual cast to fp32", "pre attn post"),
     "lfm2_moe": ("a hybrid stack: a convolution layer (layer 0) beside attention layers", "pre attn mid mlp_in mlp post"),
+    "opt": ("the MLP added on the stream flattened to [B * S, D], then viewed back", "pre z attn mid mlp post"),
+    "dory": ("a looped stack (each layer runs twice), interpolating x + rate * (update - x)", "pre z attn mid mlp_in mlp post"),
+    "xlnet": ("a sequence-first [S, B, D] stream, post-LN inside the attention and FF modules", "pre attn mid mlp_in mlp post"),
 }
 SHORT = {
     "pre": SiteKind.RESID_PRE, "z": SiteKind.ATTN_Z, "attn": SiteKind.ATTN_OUT, "mid": SiteKind.RESID_MID,
@@ -65,11 +69,15 @@ def test_why_missing_on_a_layer_without_sites() -> None:
     assert "exposes no sites" in why_missing(Site(2, SiteKind.RESID_PRE), _available("pre", "post"))
 
 
-@pytest.fixture(scope="module")
-def mamba() -> transformers.PreTrainedModel:
-    model, why = try_build(next(arch for arch in ARCHS if arch.name == "mamba"))
+def _built(name: str) -> transformers.PreTrainedModel:
+    model, why = try_build(next(arch for arch in ARCHS if arch.name == name))
     assert model is not None, why
     return model
+
+
+@pytest.fixture(scope="module")
+def mamba() -> transformers.PreTrainedModel:
+    return _built("mamba")
 
 
 def test_a_mamba_block_has_no_mlp_and_says_so(mamba: transformers.PreTrainedModel) -> None:
@@ -85,3 +93,20 @@ def test_a_mamba_block_has_no_mlp_and_says_so(mamba: transformers.PreTrainedMode
         plain = mamba(ids).logits
         moved = steered(ids, steering=sc.Steering(sc.AddVector("blocks.0.hook_attn_out", vector, 2.0))).logits
     assert not torch.allclose(plain, moved)
+
+
+def test_a_looped_layer_is_steered_at_every_call() -> None:
+    """Dory runs each layer twice per forward: one site is one op per call, in one graph."""
+    graphs = []
+    steered = sc.steer(_built("dory"), sites=["blocks.1.hook_resid_post"], backend="aot_eager", on_graph=graphs.append)
+    vector = torch.ones(steered.site_shapes()["blocks.1.hook_resid_post"][-1])
+    with torch.no_grad():
+        steered(torch.tensor([[1, 5, 9]]), steering=sc.Steering(sc.AddVector("blocks.1.hook_resid_post", vector)), use_cache=False)
+    assert [sum(node.target is STEER_OP for node in gm.graph.nodes) for gm in graphs] == [2]
+
+
+def test_twin_layer_stacks_are_an_error_not_a_guess() -> None:
+    """HRM runs two stacks of one layer class, and config.num_hidden_layers counts neither:
+    blocks.N could mean a layer of either, so steer() refuses rather than pick one."""
+    with pytest.raises(ValueError, match="ModuleLists of the same decoder layers"):
+        sc.steer(_built("hrm_text"), backend="aot_eager")

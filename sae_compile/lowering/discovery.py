@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,12 +37,8 @@ def discover_sites(model: nn.Module, fullgraph: bool = True) -> Discovery:
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
 
     def capture(gm: fx.GraphModule, example_inputs: Any) -> Any:
-        for site, site_node in find_site_nodes(gm.graph, model, layout).items():
-            shape = tuple(site_node.node.meta["example_value"].shape)
-            # Steering routes rows and tokens by the input's [batch, seq]; a stream with other
-            # positions (CPM-Ant prepends prompt tokens) cannot be steered token by token.
-            if shape[:2] == tuple(probe.shape):
-                found[site] = shape
+        for site, calls in find_site_nodes(gm.graph, model, layout).items():
+            found[site] = tuple(calls[0].stream_value().shape)
         return gm.forward
 
     entry = fresh_entry_point(model.forward, f"probe_{next(_probe_ids)}")
@@ -57,5 +54,18 @@ def discover_sites(model: nn.Module, fullgraph: bool = True) -> Discovery:
             f"model itself ({type(error).__name__}: {reason}). sc.steer(..., fullgraph=False) lets Dynamo break "
             "the graph there and finds the sites in every piece."
         ) from error
+    layout, found = _aligned_with_tokens(layout, found, tuple(probe.shape))
     cached[fullgraph] = (layout, found)
     return layout, found
+
+
+def _aligned_with_tokens(layout: DecoderLayout, found: dict[Site, tuple[int, ...]], tokens: tuple[int, int]) -> Discovery:
+    """The sites whose tensor lines up with the input's ``[batch, seq]`` tokens, since steering
+    routes by row and token; a stream with other positions (CPM-Ant prepends prompt positions)
+    has no sites. A model whose stream is ``[seq, batch, D]`` throughout (XLNet) is steered
+    transposed: the layout says so, and its sites' shapes are given as ``[B, S, D]``."""
+    aligned = {site: shape for site, shape in found.items() if shape[:2] == tokens}
+    flipped = {site: shape for site, shape in found.items() if shape[:2] == tokens[::-1]}
+    if flipped and not aligned:
+        return replace(layout, sequence_first=True), {site: (*tokens, *shape[2:]) for site, shape in flipped.items()}
+    return layout, aligned

@@ -54,7 +54,7 @@ class EngineSteeringPass(CustomGraphPass):
         missing = [site.name for site in self._handles if site not in found]
         if missing:
             raise ValueError(f"sae_compile: sites {missing} are not in this model's graph.")
-        insert_into_graph(graph, {site: (found[site], handle) for site, handle in self._handles.items()})
+        insert_into_graph(graph, {site: ((found[site],), handle) for site, handle in self._handles.items()})
         graph.lint()
         self.graphs += 1
 

@@ -14,7 +14,9 @@ resid_post, each step is either
 - a pass-through: an op that carries the stream on without reading any other activation: a
   dtype cast (Mamba's ``residual_in_fp32``), a scale or shift by a constant or parameter
   (Gemma 4's ``*= layer_scalar``, MiniMax's ``alpha * residual``, Zaya's residual bias),
-  dropout, or a whole norm module (post-LN blocks such as GPT-1 normalise the sum).
+  dropout, a whole norm module (post-LN blocks such as GPT-1 normalise the sum), or a
+  reshape between ``[B, S, D]`` and its tokens flattened to ``[B * S, D]`` (OPT adds its MLP
+  on the flattened stream). A flattened site is steered viewed as ``[B, S, D]``.
 
 Each contribution is classified by the branch modules it was computed in: attention
 (attn_out), MLP (mlp_out), or both at once (a parallel attention+MLP block, which has no
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -45,8 +47,10 @@ _PASS_FUNCTIONS = (torch.nn.functional.dropout, torch.nn.functional.layer_norm)
 _PASS_METHODS = frozenset({"to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "mul", "div", "add"})
 
 
-def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) -> dict[Site, SiteNode]:
-    """Every site this graph exposes, mapped to the FX node that computes its tensor.
+def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) -> dict[Site, list[SiteNode]]:
+    """Every site this graph exposes, mapped to the FX node(s) that compute its tensor: one per
+    call of its layer (a looped stack runs a layer several times per forward, and a site there
+    is steered at every call, as a forward hook would fire at each).
 
     Layers whose residual chain cannot be traced (for example a graph fragment after a
     graph break) expose no sites rather than wrong ones.
@@ -56,27 +60,33 @@ def find_site_nodes(graph: fx.Graph, model: nn.Module, layout: DecoderLayout) ->
     scopes = {node: _module_ids(node, scope_of) for node in graph.nodes}  # in graph order
     # Norms are known by class name (LayerNorm, RMSNorm, ...): HF has no common base class.
     norm_ids = frozenset(id(m) for m in modules.values() if "norm" in type(m).__name__.lower())
-    looped = _called_again(graph)
-    found: dict[Site, SiteNode] = {}
+    found: dict[Site, list[SiteNode]] = {}
     for layer_idx, layer in enumerate(layout.layers):
-        if str(id(layer)) in looped:
-            continue  # a looped stack: no one tensor per site
         branch_ids = {
             "attn": _subtree_ids(modules, layout.attn_paths[layer_idx]),
             "mlp": _subtree_ids(modules, layout.mlp_paths[layer_idx]),
         }
-        sites = _layer_sites(scopes, layer_idx, id(layer), branch_ids, norm_ids, layout.hidden_size)
         projections = _projection_ids(modules, layout.attn_paths[layer_idx])
-        found.update(sites | _branch_input_sites(scopes, layer_idx, sites, branch_ids["mlp"], projections))
+        per_call = []
+        for call in _layer_calls(scopes, str(id(layer))):
+            sites = _layer_sites(call, layer_idx, branch_ids, norm_ids, layout.hidden_size)
+            per_call.append(sites | _branch_input_sites(call, layer_idx, sites, branch_ids["mlp"], projections))
+        # A site counts only if every call of its layer exposes it: steering some calls only is wrong.
+        for site in set.intersection(*map(set, per_call)) if per_call else ():
+            found[site] = [replace(sites[site], sequence_first=layout.sequence_first) for sites in per_call]
     return found
 
 
-def _called_again(graph: fx.Graph) -> frozenset[str]:
-    """The ``nn_module_stack`` keys of modules called more than once: Dynamo keys a module's
-    second call ``"<key>@1"``."""
-    return frozenset(
-        key.partition("@")[0] for node in graph.nodes for key in node.meta.get("nn_module_stack") or {} if "@" in key
-    )
+def _layer_calls(scopes: dict[fx.Node, frozenset[int]], layer_key: str) -> list[dict[fx.Node, frozenset[int]]]:
+    """The scopes of the nodes of each call of the layer whose ``nn_module_stack`` key is
+    ``layer_key``, in call (and graph) order. Dynamo keys a module's first call ``"<key>"`` and
+    its later ones ``"<key>@1"``, ...."""
+    calls: dict[str, dict[fx.Node, frozenset[int]]] = {}
+    for node, ids in scopes.items():
+        for key in node.meta.get("nn_module_stack") or {}:
+            if key.partition("@")[0] == layer_key:
+                calls.setdefault(key, {})[node] = ids
+    return list(calls.values())
 
 
 def _subtree_ids(modules: dict[str, nn.Module], path: str | None) -> frozenset[int]:
@@ -96,8 +106,10 @@ def _projection_ids(modules: dict[str, nn.Module], attn_path: str | None) -> fro
 
 
 def _module_ids(node: fx.Node, scope_of: dict[str, int]) -> frozenset[int]:
+    """The modules active at ``node``, whichever of their calls it is in."""
     stack = node.meta.get("nn_module_stack") or {}
-    return frozenset(scope_of[key] for key in stack if key in scope_of)
+    bases = (key.partition("@")[0] for key in stack)
+    return frozenset(scope_of[base] for base in bases if base in scope_of)
 
 
 def _is_activation(node: fx.Node) -> bool:
@@ -133,6 +145,21 @@ def _pass_through_input(node: fx.Node) -> fx.Node | None:
     return streams[0] if all(_numel(a) <= width for a in operands if a is not streams[0]) else None
 
 
+def _flattening_input(node: fx.Node) -> fx.Node | None:
+    """The input of a reshape that flattens ``[B, S, D]`` tokens to ``[B * S, D]`` or views them
+    back, or None if ``node`` is no such reshape (a head split changes the last dimension)."""
+    is_reshape = (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
+    source = node.args[0] if is_reshape and node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    before, after = source.meta.get("example_value"), node.meta.get("example_value")
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.is_floating_point()):
+        return None
+    return source if {before.dim(), after.dim()} == {2, 3} and before.shape[-1] == after.shape[-1] else None
+
+
 def _numel(node: fx.Node) -> int:
     value = node.meta.get("example_value")
     return value.numel() if isinstance(value, torch.Tensor) else 1
@@ -150,7 +177,7 @@ class _LayerScope:
     def carried_from(self, node: fx.Node) -> fx.Node | None:
         """The stream operand a pass-through step ending at ``node`` carries on (one op, or a
         whole norm module), or None if ``node`` ends none."""
-        return self.norms.get(node) or _pass_through_input(node)
+        return self.norms.get(node) or _pass_through_input(node) or _flattening_input(node)
 
 
 @dataclass(frozen=True)
@@ -182,14 +209,14 @@ class _ResidualChain:
 def _layer_sites(
     scopes: dict[fx.Node, frozenset[int]],
     layer_idx: int,
-    layer_id: int,
     branch_ids: dict[str, frozenset[int]],
     norm_ids: frozenset[int],
     hidden_size: int,
 ) -> dict[Site, SiteNode]:
-    """The sites of decoder layer ``layer_idx``: resid_pre and resid_post only if its residual
-    chain cannot be traced, and none if the layer does not hand on one residual-shaped value."""
-    nodes = [node for node, ids in scopes.items() if layer_id in ids]
+    """The sites of one call of decoder layer ``layer_idx``, whose FX nodes ``scopes`` holds:
+    resid_pre and resid_post only if its residual chain cannot be traced, and none if the
+    layer does not hand on one residual-shaped value."""
+    nodes = list(scopes)
     layer = _LayerScope(frozenset(nodes), scopes, branch_ids, _norm_steps(nodes, scopes, norm_ids))
     resid_post = _resid_post(layer, hidden_size)
     if resid_post is None:
@@ -309,7 +336,12 @@ def _site_map(
         Site(layer_idx, SiteKind.RESID_POST): SiteNode(chain.path[-1]),
     }
     branches = _branch_sites(layer, chain, labels)
-    return sites | {Site(layer_idx, kind): SiteNode(node) for kind, node in branches.items()}
+    return sites | {Site(layer_idx, kind): _stream_site(node, chain.resid_pre) for kind, node in branches.items()}
+
+
+def _stream_site(node: fx.Node, resid_pre: fx.Node) -> SiteNode:
+    """A branch site at ``node``; one holding the tokens flattened (2-D) is seen as resid_pre's ``[B, S, D]``."""
+    return SiteNode(node, stream_like=resid_pre if node.meta["example_value"].dim() == 2 else None)
 
 
 def _branch_sites(layer: _LayerScope, chain: _ResidualChain, labels: tuple[str | None, ...]) -> dict[SiteKind, fx.Node]:
@@ -441,4 +473,4 @@ def _module_input(scopes: dict[fx.Node, frozenset[int]], module_ids: frozenset[i
     if len(inputs) != 1:
         return None
     (source,) = inputs
-    return SiteNode(source, frozenset(user for user in source.users if scopes[user] & module_ids))
+    return SiteNode(source, frozenset(user for user in source.users if scopes.get(user, frozenset()) & module_ids))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import enum
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 
@@ -77,21 +79,37 @@ class SiteNode:
     """Where a site lives in one graph: the node computing it, and which of its users
     read the site (``None``: all of them). resid_pre is read only by its own layer;
     other users of the same value (say, a collected ``hidden_states`` output) keep
-    seeing the unsteered value, as a forward pre-hook would leave them."""
+    seeing the unsteered value, as a forward pre-hook would leave them.
+
+    ``stream_like`` is set where the site's tensor holds the stream's tokens flattened to
+    ``[B * S, D]`` (OPT runs its MLP on that reshape): a ``[B, S, D]`` node of the same layer,
+    whose shape the op sees the site's tensor in, since steering routes by batch row and token.
+    ``sequence_first`` is set where the model keeps its stream as ``[S, B, D]`` (XLNet): the op
+    sees it transposed."""
 
     node: fx.Node
     consumers: frozenset[fx.Node] | None = None
+    stream_like: fx.Node | None = None
+    sequence_first: bool = False
+
+    def stream_value(self) -> torch.Tensor:
+        """The site's example value as the op sees it, ``[B, S, D]``."""
+        like = self.node if self.stream_like is None else self.stream_like
+        value = like.meta["example_value"]
+        return value.transpose(0, 1) if self.sequence_first else value
 
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """What the module tree says: the decoder layers and their attention/MLP children."""
+    """What the module tree says: the decoder layers and their attention/MLP children; and
+    what the discovery trace adds, whether the residual stream is ``[S, B, D]``."""
 
     layers: tuple[nn.Module, ...]
     layer_paths: tuple[str, ...]
     attn_paths: tuple[str | None, ...]
     mlp_paths: tuple[str | None, ...]
     hidden_size: int
+    sequence_first: bool = False
 
     def resolve(self, name: str) -> Site:
         """The site a user-facing name means: a hook name, or an HF module path alias.
@@ -158,6 +176,7 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
     for candidates in tiers:
         if candidates:
+            _raise_if_twin_stacks(model, candidates, expected)
             return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
     found = ", ".join(f"{path!r} ({len(m)})" for path, m in lists) or "none"
     raise ValueError(
@@ -165,6 +184,22 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
         f"({', '.join(sorted(declared)) or 'none declared'}) or of config.num_hidden_layers = {expected} "
         f"blocks (ModuleLists: {found}); cannot find steering sites."
     )
+
+
+def _raise_if_twin_stacks(model: nn.Module, candidates: list[tuple[str, nn.ModuleList]], expected: int | None) -> None:
+    """ValueError if two candidate stacks hold the same blocks (HRM runs an H and an L stack of
+    one layer class): ``blocks.N`` would name a layer of either, so choosing one is a guess."""
+    def kind(blocks: nn.ModuleList) -> tuple[int, frozenset[str]]:
+        return len(blocks), frozenset(type(block).__name__ for block in blocks)
+
+    kinds = Counter(kind(m) for _, m in candidates)
+    twins = [path for path, m in candidates if kinds[kind(m)] > 1]
+    if twins:
+        raise ValueError(
+            f"{type(model).__name__} has {len(twins)} ModuleLists of the same decoder layers ({', '.join(map(repr, twins))}), "
+            f"and config.num_hidden_layers = {expected} does not say which is the stack: blocks.N would name a layer "
+            "of either, so sae_compile finds no sites here."
+        )
 
 
 def _named_under_decoder(model: nn.Module) -> list[tuple[str, nn.Module]]:
