@@ -166,9 +166,21 @@ def find_layers(model: nn.Module, ids: torch.Tensor) -> list[tuple[nn.Module, in
     if not layers:
         names = sorted({type(m).__name__ for m in candidates})
         raise Unidentified(f"no block ({', '.join(names)}) takes a [B, S, D] hidden state")
-    if not any(list(ml) == [m for m, _ in layers] for ml in model.modules() if isinstance(ml, nn.ModuleList)):
-        raise Unidentified(f"the {len(layers)} blocks that run are not the items of one ModuleList")
+    if not _whole_lists([m for m, _ in layers], [list(ml) for ml in model.modules() if isinstance(ml, nn.ModuleList)]):
+        raise Unidentified(f"the {len(layers)} blocks that run are not, in order, the items of whole ModuleLists")
     return layers
+
+
+def _whole_lists(blocks: list[nn.Module], lists: list[list[nn.Module]]) -> bool:
+    """Whether ``blocks`` are the items of one ModuleList, or of several one after another
+    (HRM runs its L stack, then its H stack)."""
+    start = 0
+    while start < len(blocks):
+        match = next((ml for ml in lists if ml and blocks[start : start + len(ml)] == ml), None)
+        if match is None:
+            return False
+        start += len(match)
+    return True
 
 
 @dataclass(frozen=True)
@@ -716,7 +728,6 @@ KNOWN_FAILURES: dict[str, str] = {
     "dbrx": _MOE_BREAKS, "qwen4_exp_text": _MOE_BREAKS, "longcat_flash": _MOE_BREAKS,
     "gemma3n_text": _STREAMS + " (AltUp: [4, B, S, D])",
     "deepseek_v4": _STREAMS + " (hyper-connections: [B, S, 4, D])", "hy_v4": _STREAMS + " (hyper-connections)",
-    "hrm_text": "no sites: two looped stacks (H and L) of one layer class, and num_hidden_layers counts neither, so blocks.N would be ambiguous",
 }
 
 ARCHS, SKIPPED = sweep_archs()

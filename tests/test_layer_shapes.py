@@ -11,7 +11,9 @@ import transformers
 
 import sae_compile as sc
 from sae_compile.lowering.op import STEER_OP
-from sae_compile.lowering.sites import Site, SiteKind, why_missing
+from sae_compile.lowering.sites import Site, SiteKind, decoder_layout, why_missing
+from tests.factories import random_sae
+from tests.reference import sae_encode64
 from tests.sweep_models import try_build
 from tests.test_architecture_sweep import ARCHS, sweep_one
 
@@ -105,8 +107,29 @@ def test_a_looped_layer_is_steered_at_every_call() -> None:
     assert [sum(node.target is STEER_OP for node in gm.graph.nodes) for gm in graphs] == [2]
 
 
-def test_twin_layer_stacks_are_an_error_not_a_guess() -> None:
-    """HRM runs two stacks of one layer class, and config.num_hidden_layers counts neither:
-    blocks.N could mean a layer of either, so steer() refuses rather than pick one."""
-    with pytest.raises(ValueError, match="ModuleLists of the same decoder layers"):
-        sc.steer(_built("hrm_text"), backend="aot_eager")
+def test_a_record_at_a_looped_site_holds_the_last_call() -> None:
+    """Recording where a layer runs twice reads the tensor of its last call, as documented."""
+    model = _built("dory")
+    site = "blocks.1.hook_resid_post"
+    width = model.config.hidden_size
+    sae = random_sae(width, 16, "relu", seed=3)
+    steered = sc.steer(model, {site: sae}, backend="aot_eager")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    outputs: list[torch.Tensor] = []
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    with torch.no_grad():
+        record = steered(ids, record=[sc.Features(site, features=list(range(16)))], use_cache=False).features[site]
+    assert len(outputs) == 2 and not torch.allclose(outputs[0], outputs[1])
+    expected = sae_encode64(sae, outputs[-1]).to(record.values.dtype)
+    torch.testing.assert_close(record.values, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_twin_layer_stacks_are_numbered_in_module_order() -> None:
+    """HRM runs an L and an H stack of one layer class, and config.num_hidden_layers counts loop
+    slots: blocks.L numbers the layers of both stacks, L's first, and HF paths name them too."""
+    layout = decoder_layout(_built("hrm_text"))
+    assert layout.layer_paths == tuple(f"model.{stack}_module.layers.{i}" for stack in "LH" for i in range(2))
+    assert layout.resolve("model.H_module.layers.0") == Site(2, SiteKind.RESID_POST)

@@ -133,7 +133,7 @@ class DecoderLayout:
 def decoder_layout(model: nn.Module) -> DecoderLayout:
     """Find the decoder layers of an HF causal LM from its module tree.
 
-    The layer stack is found by ``layer_stack``.
+    The layer stacks are found by ``layer_stacks``; ``blocks.L`` counts their layers in order.
     """
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embeddings, nn.Embedding):
@@ -141,23 +141,35 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
             f"{type(model).__name__} has no input embedding (get_input_embeddings()); "
             "sae_compile needs an HF decoder language model to find its hidden size."
         )
-    stack_path, stack = layer_stack(model)
-    layer_paths = tuple(f"{stack_path}.{i}" for i in range(len(stack)))
-    branches = [_branch_children(path, layer) for path, layer in zip(layer_paths, stack, strict=True)]
+    stacks = layer_stacks(model)
+    layers = tuple(layer for _, stack in stacks for layer in stack)
+    layer_paths = tuple(f"{path}.{i}" for path, stack in stacks for i in range(len(stack)))
+    branches = [_branch_children(path, layer) for path, layer in zip(layer_paths, layers, strict=True)]
     attn_paths = tuple(attn for attn, _ in branches)
     mlp_paths = tuple(mlp for _, mlp in branches)
-    return DecoderLayout(tuple(stack), layer_paths, attn_paths, mlp_paths, embeddings.embedding_dim)
+    return DecoderLayout(layers, layer_paths, attn_paths, mlp_paths, embeddings.embedding_dim)
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The path and ``ModuleList`` of the decoder layers, looked for under the text decoder
+    """The path and ``ModuleList`` of a model's one stack of decoder layers (see
+    ``layer_stacks``); ValueError for a model with several."""
+    stacks = layer_stacks(model)
+    if len(stacks) > 1:
+        raise ValueError(f"{type(model).__name__} has {len(stacks)} decoder stacks ({', '.join(path for path, _ in stacks)}); expected one.")
+    return stacks[0]
+
+
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The paths and ``ModuleList``s of the decoder layers, looked for under the text decoder
     (``model.get_decoder()``: a multimodal wrapper's vision tower has layers too).
 
     HF declares the decoder-layer classes in ``_no_split_modules``, and the text config counts
     them in ``num_hidden_layers``; a ``ModuleList`` that both, then one, then neither (its
     blocks all of one class) vouch for, in that order, holding the most parameters. Hybrid
-    stacks mix block classes; LongCat-Flash counts two sublayers per layer. A model that no
-    ``ModuleList`` fits is an error rather than a guess.
+    stacks mix block classes; LongCat-Flash counts two sublayers per layer. Where the winning
+    ``ModuleList``s include twins, stacks of the same number of the same blocks (HRM's H and L
+    stacks; its config counts loop slots), every twin is a stack, in module-tree order. A model
+    that no ``ModuleList`` fits is an error rather than a guess.
     """
     lists = [(path, m) for path, m in _named_under_decoder(model) if isinstance(m, nn.ModuleList) and len(m) > 0]
     declared = set(getattr(type(model), "_no_split_modules", None) or ())
@@ -176,8 +188,7 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
     for candidates in tiers:
         if candidates:
-            _raise_if_twin_stacks(model, candidates, expected)
-            return max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+            return _twins(candidates) or [max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))]
     found = ", ".join(f"{path!r} ({len(m)})" for path, m in lists) or "none"
     raise ValueError(
         f"{type(model).__name__} has no ModuleList of its declared decoder layers "
@@ -186,20 +197,13 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def _raise_if_twin_stacks(model: nn.Module, candidates: list[tuple[str, nn.ModuleList]], expected: int | None) -> None:
-    """ValueError if two candidate stacks hold the same blocks (HRM runs an H and an L stack of
-    one layer class): ``blocks.N`` would name a layer of either, so choosing one is a guess."""
+def _twins(candidates: list[tuple[str, nn.ModuleList]]) -> list[tuple[str, nn.ModuleList]]:
+    """The candidate stacks that share their length and block classes with another candidate."""
     def kind(blocks: nn.ModuleList) -> tuple[int, frozenset[str]]:
         return len(blocks), frozenset(type(block).__name__ for block in blocks)
 
     kinds = Counter(kind(m) for _, m in candidates)
-    twins = [path for path, m in candidates if kinds[kind(m)] > 1]
-    if twins:
-        raise ValueError(
-            f"{type(model).__name__} has {len(twins)} ModuleLists of the same decoder layers ({', '.join(map(repr, twins))}), "
-            f"and config.num_hidden_layers = {expected} does not say which is the stack: blocks.N would name a layer "
-            "of either, so sae_compile finds no sites here."
-        )
+    return [(path, m) for path, m in candidates if kinds[kind(m)] > 1]
 
 
 def _named_under_decoder(model: nn.Module) -> list[tuple[str, nn.Module]]:
