@@ -281,12 +281,13 @@ def why_missing(site: Site, available: Iterable[Site]) -> str:
     if not kinds:
         return (
             f"{layer} exposes no sites: its residual stream is not one [batch, seq, hidden] tensor aligned with "
-            "the input tokens, or the layer runs more than once per forward"
+            "the input tokens (several streams, as in AltUp or hyper-connections, or extra positions, as CPM-Ant's "
+            "prompt), or, with fullgraph=False, a graph break inside the layer leaves no graph piece holding all of it"
         )
     if kinds <= {SiteKind.RESID_PRE, SiteKind.RESID_POST}:
         return (
-            f"{layer}'s output is not its input plus branch outputs (its residual stream is restarted, "
-            "multi-stream or looped), so only resid_pre and resid_post exist there"
+            f"{layer}'s output is not its input plus branch outputs (its residual stream is restarted or "
+            "mixed with other streams), so only resid_pre and resid_post exist there"
         )
     if site.kind in (SiteKind.ATTN_OUT, SiteKind.ATTN_Z, SiteKind.RESID_MID) and SiteKind.ATTN_OUT not in kinds:
         return f"{layer} adds one branch, its MLP, and no token mixer; its output is mlp_out"
