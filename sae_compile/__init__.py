@@ -2,9 +2,10 @@
 
 from .edits import AddVector, Clamp, Reconstruct, Steering
 from .features import FeatureRecord, Features
+from .runtime.state import Paths
 from .sae import SAE
 from .steered import SteeredModel, steer
 
 __all__ = [
-    "SAE", "AddVector", "Clamp", "FeatureRecord", "Features", "Reconstruct", "Steering", "SteeredModel", "steer",
+    "SAE", "AddVector", "Clamp", "FeatureRecord", "Features", "Paths", "Reconstruct", "Steering", "SteeredModel", "steer",
 ]

@@ -31,12 +31,13 @@ def layer_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def activate_(
-    pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None, k: int | None = None
+    pre: torch.Tensor, activation: str, threshold: torch.Tensor | None = None, k: int | None = None, *, static: bool = False
 ) -> torch.Tensor:
     """``act(pre)`` in place and returned: ReLU, JumpReLU with ``threshold [F]`` (broadcast
-    against ``pre [..., F]``), or TopK with ``k``. ``pre`` must not be needed afterwards."""
+    against ``pre [..., F]``), or TopK with ``k``. ``pre`` must not be needed afterwards.
+    ``static``: read nothing back on the host (see ``top_k_indices``)."""
     if activation == "topk":
-        return keep_top_k_(pre.relu_(), k)
+        return keep_top_k_(pre.relu_(), k, static=static)
     if activation == "jumprelu":
         return jumprelu_(pre, threshold)
     return pre.relu_()
@@ -54,24 +55,26 @@ def jumprelu_(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return pre.mul_(mask)
 
 
-def keep_top_k_(f: torch.Tensor, k: int) -> torch.Tensor:
+def keep_top_k_(f: torch.Tensor, k: int, *, static: bool = False) -> torch.Tensor:
     """Zero all but the ``k`` largest of the non-negative ``f [..., F]`` (ties as ``top_k_indices``), in place."""
-    top = top_k_indices(f, k)  # [..., k]
+    top = top_k_indices(f, k, static=static)  # [..., k]
     values = f.gather(-1, top)  # [..., k]
     return f.zero_().scatter_(-1, top, values)
 
 
-def top_k_indices(f: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_indices(f: torch.Tensor, k: int, *, static: bool = False) -> torch.Tensor:
     """Indices ``[..., k]`` of the ``k`` largest of the non-negative ``f [..., F]``; at a tie on
     the k-th value, the lower indices win.
 
     ``torch.topk`` leaves ties to the implementation (its CPU kernels alone differ by size),
     and a TopK SAE in bf16 ties often. The rule is fixed so that every path, on every
     device, fires the same features: each value is ranked by a 64-bit key, its float bits
-    (which order non-negative floats as the floats) above its reversed index.
+    (which order non-negative floats as the floats) above its reversed index. ``static``
+    skips the CPU's shortcut, which reads a flag back: a forward that a captured graph
+    replays (``capture_paths``) must not decide anything from the data on the host.
     """
     features = f.shape[-1]
-    if not f.is_cuda and k < features:
+    if not (f.is_cuda or static) and k < features:
         # torch.topk picks the rule's features unless a tie straddles the k-th place; on the
         # CPU checking that costs no sync, and skips the keys, which are 4x slower to rank.
         top = f.topk(k + 1, dim=-1)

@@ -15,14 +15,15 @@ import torch
 from torch import fx, nn
 
 from .edits import AddVector, Clamp, Reconstruct, Steering
-from .features import Features, RecordedSteps
+from .features import FeatureRecord, Features, RecordedSteps
 from .lowering.backend import InnerBackend, SteeringBackend, fresh_entry_point, resolve_inner_backend
 from .lowering.discovery import discover_sites
 from .lowering.sites import DecoderLayout, Site, why_missing
+from .runtime.capture import StepGraphs, capture
 from .runtime.recording import RecordArg, Recording, RecordPlan, per_row_requests
 from .runtime.slots import SlotManager
 from .runtime.staging import SteeringArg, per_row_steerings
-from .runtime.state import Capacity, RoutingState, SiteState, allocate_sites, every_path
+from .runtime.state import STEERING_PATHS, Capacity, Paths, RoutingState, SiteState, allocate_sites, capture_paths
 from .sae import SAE
 
 Sites = dict[Site, tuple[int, ...]]
@@ -247,6 +248,8 @@ class SteeredModel:
         by_name = self._by_name  # closed over instead of self: no reference cycle holds the model
         recorders = {name: state.recorder for name, state in by_name.items() if state.recorder is not None}
         self._recording = Recording(recorders, lambda name: by_name[name].d_sae, resolve)
+        self._step_plans: dict[str, RecordPlan] = {}  # what step() forwards record (record_steps)
+        self._last_shape = (0, 0)  # [batch, seq] of the last forward
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -334,7 +337,7 @@ class SteeredModel:
         """Whether an unsteered call needs no host work at all: no call rows are held and the routing
         of an unsteered ``[batch, seq]`` forward stands (nothing was assigned or admitted since).
         A decode loop with ``steering=None`` then costs what plain ``torch.compile`` costs."""
-        if self._call_steerings or not self._routing.idle_routed(batch, seq):
+        if self._call_steerings or self._recording.active or not self._routing.idle_routed(batch, seq):
             return False
         self._call_routed = True  # the routing is the call's; step() re-applies the slots'
         return True
@@ -367,7 +370,55 @@ class SteeredModel:
             if self._call_routed:
                 self.slots.reapply()  # a call's routing never leaks into the serving loop's steps
                 self._call_routed = False
+            if self._recording.current is not self._step_plans and (self._step_plans or self._recording.active):
+                self._recording.apply(self._step_plans)  # nor does a call's record plan
             return self._forward(input_ids, *args, positions=positions, **kwargs)
+
+    def record_steps(self, record: RecordArg, batch: int) -> None:
+        """What the next ``step()`` forwards of ``batch`` rows record, until changed (``None``:
+        nothing). ``record`` is as for ``__call__``; the records are read with ``step_features``.
+        Bad requests raise and change nothing."""
+        with self._lock:
+            self._step_plans = self._recording.plans(per_row_requests(record, batch))
+            self._recording.apply(self._step_plans)
+
+    def step_features(self) -> dict[str, FeatureRecord]:
+        """Copies of what the last step (a forward, or a replay of ``capture_steps``'s graphs)
+        recorded, by site: ``FeatureRecord``s over its ``[batch, seq]`` tokens."""
+        with self._lock:
+            return self._recording.collect(*self._last_shape)
+
+    def needed_paths(self) -> Paths:
+        """The paths the current assignment and record plan need at some site: what a
+        captured graph must hold to serve the next step."""
+        with self._lock:
+            needed = Paths()
+            for state in self._states.values():
+                needed = needed | state.live_paths(self._routing.capacity.max_batch)
+            return needed
+
+    def capture_steps(
+        self, step: Callable[[], Any], path_sets: Sequence[Paths], *, warmup: int = 3, reset: Callable[[], None] | None = None
+    ) -> StepGraphs:
+        """Capture ``step`` (a call of ``self.step`` on static inputs) in one CUDA graph per
+        path set of ``path_sets``; ``StepGraphs.replay`` then runs, per step, the cheapest graph
+        holding what the assignment needs (``needed_paths``). ``warmup`` and ``reset`` are as
+        for ``runtime.capture.capture``. A graph with ``record=True`` records what
+        ``record_steps`` last planned, read back with ``step_features``."""
+        if not path_sets:
+            raise ValueError("capture_steps: give at least one path set, e.g. [sc.Paths(add=True, sparse=True)].")
+        graphs, shapes = [], {}
+        for paths in path_sets:
+            graph, output = capture(step, warmup=warmup, reset=reset, paths=paths)
+            graphs.append((paths, graph, output))
+            shapes[paths] = self._last_shape
+        return StepGraphs(graphs, self.needed_paths, functools.partial(self._replayed, shapes))
+
+    def _replayed(self, shapes: dict[Paths, tuple[int, int]], paths: Paths) -> None:
+        with self._lock:
+            self._last_shape = shapes[paths]
+            if paths.record:
+                self._recording.replayed()
 
     def generate(
         self,
@@ -445,7 +496,7 @@ class SteeredModel:
     @contextlib.contextmanager
     def _recorded(self, plans: dict[str, RecordPlan]) -> Iterator[None]:
         """Record ``plans`` in the forwards of this block; nothing is recorded after it."""
-        if not plans:
+        if not plans and not self._recording.active:
             yield
             return
         self._recording.apply(plans)
@@ -472,10 +523,12 @@ class SteeredModel:
         with self._lock:
             self._by_name[self._resolve(site)].swap_sae(sae)
 
-    def warmup(self, shapes: Sequence[tuple[int, int]], repeats: int = 3, **kwargs: Any) -> None:
+    def warmup(
+        self, shapes: Sequence[tuple[int, int]], repeats: int = 3, *, paths: Paths = STEERING_PATHS, **kwargs: Any
+    ) -> None:
         """Compile and run every ``(batch, seq)`` bucket a loop will use, through every op path.
 
-        Every forward runs all the paths a captured CUDA graph contains (``every_path``), and
+        Every forward runs the paths a captured CUDA graph will hold (``capture_paths(paths)``), and
         the steering alternates between repeats (additive + sparse clamps, then Reconstruct)
         so each path also computes real tokens. Compilation, CUDA-graph recording and lazy
         kernel initialisation thus all happen here, on every bucket, batch 1 included, and
@@ -485,7 +538,7 @@ class SteeredModel:
         for batch, seq in shapes:
             self._check_tokens(batch, seq)
         exercise = self._warmup_steerings()
-        with self._lock, every_path(), torch.no_grad():
+        with self._lock, capture_paths(paths), torch.no_grad():
             self._release_call_rows()
             try:
                 for repeat in range(repeats):
@@ -510,6 +563,7 @@ class SteeredModel:
         """Route the tokens of this forward on the device, run the compiled model, and check
         that every attached site made it into the graph fragments compiled so far."""
         batch, seq = _batch_and_seq(input_ids, kwargs)
+        self._last_shape = (batch, seq)
         attention_mask = kwargs.get("attention_mask")
         # An unsteered forward's mask stands whatever its padding, unless a site records (which reads it).
         idle = self._routing.idle_routed(batch, seq) and not self._recording.active

@@ -9,7 +9,7 @@ import transformers
 from torch._dynamo.utils import counters
 
 import sae_compile as sc
-from sae_compile.runtime.capture import capture
+from sae_compile.runtime.capture import capture, cheapest_covering
 from tests.factories import assert_rel_close, random_sae, rel_err
 from tests.models import hidden_size, make_model
 from tests.reference import reference_logits
@@ -145,9 +145,9 @@ def test_warmup_prepares_every_path_a_batch1_capture_holds(setup) -> None:
     assert_rel_close(out.logits[:, -1], expected, 1e-4)
 
 
-def test_recording_on_cuda_matches_the_reference_and_refuses_capture(setup) -> None:
-    """Outside a CUDA graph, top-k features on the GPU equal the reference's; inside a capture,
-    recording raises instead of freezing this forward's rows into every replay."""
+def test_recording_on_cuda_matches_the_reference_and_needs_the_record_path_in_a_capture(setup) -> None:
+    """Outside a CUDA graph, top-k features on the GPU equal the reference's; a capture that does
+    not hold the record path refuses to record instead of leaving stale buffers."""
     from tests.reference import reference_features, reference_top_k
 
     model, saes = setup
@@ -158,5 +158,47 @@ def test_recording_on_cuda_matches_the_reference_and_refuses_capture(setup) -> N
     values, indices = reference_top_k(reference_features(model, ids, MLP, saes[MLP], saes=saes, steering=STEERINGS[0]), 4)
     assert torch.equal(record.indices, indices)
     assert_rel_close(record.values, values.float(), 1e-4)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="captured CUDA graph"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not hold the record path"):
         capture(lambda: steered(ids, record=[sc.Features(MLP, top_k=4)]), warmup=1)
+
+
+def test_capture_steps_replays_the_cheapest_graph_and_records_in_it(setup) -> None:
+    """Two graphs of one decode step: additive and sparse only, and every path with recording.
+    Each replay runs the graph the assignment needs and matches the same step run live; the
+    recording graph's features equal the live step's, for plans set after the capture."""
+    model, saes = setup
+    steered = sc.steer(model, saes, max_batch=BATCH, max_top_k=8)
+    captured_cache, live_cache = (
+        transformers.StaticCache(config=model.config, max_cache_len=PROMPT + 8) for _ in range(2)
+    )
+    prompt = torch.randint(3, 97, (BATCH, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    step_ids = torch.zeros(BATCH, 1, dtype=torch.long, device="cuda")
+    steered.slots.admit("a", STEERINGS[0], PROMPT)
+    steered.slots.admit("b", None, PROMPT)
+    steered.slots.assign(["a", "b"])
+    light, full = sc.Paths(add=True, sparse=True), sc.Paths(add=True, sparse=True, full=True, record=True)
+    graphs = steered.capture_steps(
+        lambda: steered.step(step_ids, past_key_values=captured_cache), [full, light], reset=captured_cache.reset
+    )
+    with torch.no_grad():
+        first = steered.step(prompt, past_key_values=captured_cache).logits
+        steered.step(prompt, past_key_values=live_cache)
+    step_ids.copy_(first[:, -1:].argmax(-1))
+    plans = [None, [sc.Features(POST, top_k=5)], [None, [sc.Features(MLP, features=(1, 3))]]]
+    for steering_b, record in zip([None, STEERINGS[1], STEERINGS[2]], plans, strict=True):
+        steered.slots.update("b", steering_b)
+        steered.record_steps(record, BATCH)
+        expected_graph = light if record is None and steering_b is not STEERINGS[1] else full
+        assert graphs.path_sets[cheapest_covering(graphs.path_sets, steered.needed_paths())] == expected_graph
+        out = graphs.replay()
+        replayed = steered.step_features() if record is not None else {}
+        with torch.no_grad():
+            live = steered.step(step_ids, past_key_values=live_cache)
+        assert_rel_close(out.logits[:, -1], live.logits[:, -1], 1e-5)
+        live_records = steered.step_features() if record is not None else {}
+        assert replayed.keys() == live_records.keys()
+        for site, got in replayed.items():
+            assert_rel_close(got.values, live_records[site].values, 1e-5)
+            assert (got.indices is None) == (live_records[site].indices is None)
+            assert got.indices is None or torch.equal(got.indices, live_records[site].indices)
+    steered.record_steps(None, BATCH)

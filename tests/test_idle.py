@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import sae_compile as sc
 from sae_compile.lowering.kernels import steer, torch_path
-from sae_compile.runtime.state import SCOPE_ALL, SCOPE_PROMPT, Capacity, RoutingState, every_path
+from sae_compile.runtime.state import SCOPE_ALL, SCOPE_PROMPT, Capacity, RoutingState, capture_paths
 from tests.factories import assert_rel_close, random_sae
 from tests.models import hidden_size, make_model
 from tests.reference import reference_logits
@@ -148,7 +148,7 @@ def test_the_op_copies_an_idle_input_but_runs_every_path_under_warmup(llama, mon
     out = steer.steer_site(x, site)
     assert calls == [] and torch.equal(out, x) and out.is_contiguous()
     assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    with every_path():
+    with capture_paths():
         assert torch.equal(steer.steer_site(x, site), x)
     assert calls == [1]
 

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import sae_compile as sc
 from sae_compile.runtime.hashing import steering_key
+from sae_compile.runtime.state import STEERING_PATHS
 from tests.factories import assert_rel_close, random_sae
 from tests.models import hidden_size, make_model
 from tests.reference import reference_logits
@@ -288,7 +289,7 @@ def test_rows_past_a_shorter_assignment_are_unsteered(setup) -> None:
 
 
 def test_warmup_runs_every_captured_path_on_every_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A capture holds every path (``SiteState.capture_paths``), so warmup must have run each of
+    """A capture holds every steering path (``SiteState.paths_within``), so warmup must have run each of
     them, with real tokens, on every bucket: batch 1 included."""
     from sae_compile.lowering.kernels import torch_path
 
@@ -310,7 +311,7 @@ def test_warmup_runs_every_captured_path_on_every_bucket(monkeypatch: pytest.Mon
     buckets = [(1, 4), (1, 1), (3, 2)]
     steered.warmup(buckets, use_cache=False)
     for site in (POST, MID):
-        captured = steered._by_name[site].capture_paths()
+        captured = steered._by_name[site].paths_within(STEERING_PATHS)
         paths = [("add_vector", captured.add), ("sparse_delta", captured.sparse), ("full_path", captured.full)]
         for bucket in buckets:
             for path, needed in paths:

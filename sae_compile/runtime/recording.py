@@ -38,24 +38,32 @@ class SiteRecorder:
     """The record buffers of one site and the plan for its next forward.
 
     Device buffers: ``values [max_tokens * K]`` (model dtype) and ``indices [max_tokens * K]``
-    (int64), viewed as ``[B, S, width]`` for a forward, where ``K = max_top_k``;
-    ``batch_index [max_batch]`` (the recording rows), ``row_width [max_batch]`` (each
-    recording row's k) and ``dense_features [K]`` (the dense request's features).
+    (int64), viewed as ``[B, S, width]`` for a forward, where ``K = max_top_k``. The plan's
+    device tables: ``batch_index [max_batch]`` (the recording rows, ascending),
+    ``row_width [max_batch]`` (each batch row's k, 0 for a row that records nothing),
+    ``dense_features [K]`` (the dense request's features) and ``dense []`` (whether the
+    request is dense). A forward on the host's plan reads the first two and writes ``[B, S,
+    plan.width]``; a captured graph reads the last three and writes ``[B, S, static_width]``.
     """
 
-    def __init__(self, name: str, max_tokens: int, max_batch: int, max_top_k: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, name: str, max_tokens: int, max_batch: int, max_top_k: int, features: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.name = name
         self.max_top_k = max_top_k
+        self.static_width = min(max_top_k, features)  # what a captured graph records per token
         self.values = torch.zeros(max_tokens * max_top_k, dtype=dtype, device=device)
         self.indices = torch.full((max_tokens * max_top_k,), PAD_INDEX, dtype=torch.long, device=device)
         self.batch_index = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.row_width = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.dense_features = torch.zeros(max_top_k, dtype=torch.long, device=device)
+        self.dense = torch.zeros((), dtype=torch.bool, device=device)
         self.plan: RecordPlan | None = None
         self._written: RecordPlan | None = None  # what the device tables hold
-        # Set by the op when it writes the buffers. A replayed CUDA graph runs no Python, so a
-        # forward that should have recorded and left this unset replayed a graph instead.
-        self.wrote = False
+        # Set when a forward writes the buffers: the width per token it wrote. A replayed CUDA
+        # graph runs no Python, so whoever replays one that records says so (``replayed``); a
+        # forward that should have recorded and left this unset replayed a graph that does not.
+        self.written_width: int | None = None
 
     def check(self, request: Features, d_sae: int) -> None:
         """ValueError unless ``request`` fits this site's SAE (``d_sae`` features) and buffers."""
@@ -78,37 +86,47 @@ class SiteRecorder:
         """Host write: the next forwards record ``plan`` (``None``: nothing, at no cost). The
         device tables keep the last plan written, so a loop that records alike copies nothing."""
         if plan is not None and plan != self._written:
-            count = len(plan.rows)
-            self.batch_index[:count].copy_(torch.tensor(plan.rows, dtype=torch.long), non_blocking=True)
-            self.row_width[:count].copy_(torch.tensor(plan.widths, dtype=torch.long), non_blocking=True)
+            widths = [0] * self.row_width.shape[0]
+            for row, width in zip(plan.rows, plan.widths, strict=True):
+                widths[row] = width
+            self.row_width.copy_(torch.tensor(widths, dtype=torch.long), non_blocking=True)
+            self.batch_index[: len(plan.rows)].copy_(torch.tensor(plan.rows, dtype=torch.long), non_blocking=True)
+            self.dense.fill_(plan.features is not None)
             if plan.features is not None:
                 self.dense_features[: len(plan.features)].copy_(torch.tensor(plan.features, dtype=torch.long))
             self._written = plan
         self.plan = plan
+        self.written_width = None  # what an earlier forward wrote is not this plan's record
 
-    def output(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``[B, S, width]`` values and indices views the op writes for the current plan."""
-        assert self.plan is not None
-        n = batch * seq * self.plan.width
-        shape = (batch, seq, self.plan.width)
+    def output(self, batch: int, seq: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[B, S, width]`` values and indices views a forward writes."""
+        n = batch * seq * width
+        shape = (batch, seq, width)
         return self.values[:n].view(shape), self.indices[:n].view(shape)
+
+    def replayed(self) -> None:
+        """Note that a captured graph holding the record path replayed: it wrote the buffers."""
+        if self.plan is not None:
+            self.written_width = self.static_width
 
     def collect(self, batch: int, seq: int) -> FeatureRecord:
         """A copy of what the last forward (``[batch, seq]`` tokens) recorded here."""
-        if not self.wrote:
+        if self.written_width is None:
             raise RuntimeError(
-                f"record: the forward did not record {self.name}: it replayed a captured CUDA graph, whose "
-                "steering op does not run again. Recording needs a model compiled without CUDA graphs "
-                "(sc.steer without mode='reduce-overhead') and forwards outside a captured graph."
+                f"record: the forward did not record {self.name}: it ran as a captured CUDA graph (or the warmup "
+                "before one) that does not hold the record path. Record outside captured graphs, or capture "
+                "with the record path (SteeredModel.capture_steps with sc.Paths(record=True))."
             )
-        self.wrote = False
-        values, indices = self.output(batch, seq)
         plan = self.plan
         assert plan is not None
-        return FeatureRecord(values.clone(), None if plan.features is not None else indices.clone(), plan.features)
+        # A captured graph writes every row to static_width: the plan's entries are the first plan.width.
+        written = self.output(batch, seq, self.written_width)
+        values, indices = (out[..., : plan.width].clone(memory_format=torch.contiguous_format) for out in written)
+        self.written_width = None
+        return FeatureRecord(values, None if plan.features is not None else indices, plan.features)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("values", "indices", "batch_index", "row_width", "dense_features")
+        names = ("values", "indices", "batch_index", "row_width", "dense_features", "dense")
         return {f"{self.name}.record_{name}": getattr(self, name) for name in names}
 
 
@@ -163,6 +181,7 @@ class Recording:
         self._d_sae = d_sae
         self._resolve = resolve
         self._active: tuple[str, ...] = ()
+        self.current: dict[str, RecordPlan] = {}  # the plans last applied
 
     @property
     def active(self) -> bool:
@@ -198,10 +217,16 @@ class Recording:
         for name, recorder in self._recorders.items():
             recorder.set_plan(plans.get(name))
         self._active = tuple(sorted(plans))
+        self.current = plans
 
     def collect(self, batch: int, seq: int) -> dict[str, FeatureRecord]:
         """Copies of what the last ``[batch, seq]`` forward recorded, by site."""
         return {name: self._recorders[name].collect(batch, seq) for name in self._active}
+
+    def replayed(self) -> None:
+        """A captured graph holding the record path replayed: every active site recorded."""
+        for name in self._active:
+            self._recorders[name].replayed()
 
     def clear(self) -> None:
         """Record nothing from now on."""

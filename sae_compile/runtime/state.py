@@ -333,34 +333,60 @@ class RowEdits:
 
 @dataclass(frozen=True)
 class Paths:
-    """Which steering paths a forward runs at one site (see ``kernels.steer``)."""
+    """Which paths a forward runs at one site (see ``kernels.steer``), or, declared for a
+    CUDA-graph capture, which paths the captured graph holds at every site that can run them.
 
-    add: bool
-    sparse: bool
-    full: bool
+    ``add``: additive vectors; ``sparse``: the clamps of delta rows on an elementwise SAE;
+    ``full``: Reconstruct rows and clamps on a TopK SAE; ``record``: reading features
+    (``record=``). A replay of a graph serves an assignment only if its paths ``cover`` what
+    the assignment needs.
+    """
+
+    add: bool = False
+    sparse: bool = False
+    full: bool = False
+    record: bool = False
+
+    def covers(self, needed: Paths) -> bool:
+        """Whether a graph holding these paths serves a forward that needs ``needed``."""
+        return all(have or not need for have, need in zip(self.flags, needed.flags, strict=True))
+
+    def __or__(self, other: Paths) -> Paths:
+        return Paths(*(a or b for a, b in zip(self.flags, other.flags, strict=True)))
+
+    @property
+    def flags(self) -> tuple[bool, bool, bool, bool]:
+        """``(add, sparse, full, record)``."""
+        return self.add, self.sparse, self.full, self.record
 
 
-_EVERY_PATH = threading.local()
+#: What a capture holds unless told otherwise: every steering path, and no recording (which
+#: would add a full encode of every token to each replay).
+STEERING_PATHS = Paths(add=True, sparse=True, full=True)
+
+_DECLARED = threading.local()
 
 
 @contextlib.contextmanager
-def every_path() -> Iterator[None]:
-    """Within this block (on this thread), forwards run every path a captured graph contains.
+def capture_paths(paths: Paths = STEERING_PATHS) -> Iterator[None]:
+    """Within this block (on this thread), forwards run as a captured CUDA graph holding
+    ``paths`` does: each site runs those of ``paths`` it can run, whatever rows are assigned,
+    and decides nothing from host state that a replay would not see.
 
     Warmup runs under it, so that each kernel a capture will hold has been compiled and
     launched before the capture: lazy initialisation inside a captured region is an error.
     """
-    previous = getattr(_EVERY_PATH, "active", False)
-    _EVERY_PATH.active = True
+    previous = getattr(_DECLARED, "paths", None)
+    _DECLARED.paths = paths
     try:
         yield
     finally:
-        _EVERY_PATH.active = previous
+        _DECLARED.paths = previous
 
 
-def every_path_active() -> bool:
-    """True inside ``every_path()`` on this thread."""
-    return getattr(_EVERY_PATH, "active", False)
+def declared_paths() -> Paths | None:
+    """The paths ``capture_paths`` declared on this thread, or None outside it."""
+    return getattr(_DECLARED, "paths", None)
 
 
 # Columns (features) per step when copying or folding SAE weights: bounds the scratch of a
@@ -418,7 +444,7 @@ class SiteState:
         self._sparse_rows: set[int] = set()
         self._full_rows: set[int] = set()
         self._version = 0
-        self._paths: tuple[tuple[int, int, int], Paths] | None = None
+        self._paths: tuple[tuple[int, int, int, bool], Paths] | None = None
         self.broken: str | None = None
         self.handle: str | None = None  # set by register_site
         self.recorder: SiteRecorder | None = None  # set by allocate_sites when recording is sized
@@ -453,20 +479,29 @@ class SiteState:
         return self.activation in ("relu", "jumprelu")
 
     def live_paths(self, batch: int) -> Paths:
-        """The paths the steering rows assigned to the first ``batch`` batch rows need.
+        """The paths the first ``batch`` batch rows need: their steering rows' and, when this
+        site records in the next forward, ``record``.
 
-        Read from host mirrors only (no device sync), and cached until the assignment or a
-        row changes, so a decode step pays a tuple compare.
+        Read from host mirrors only (no device sync), and cached until the assignment, a row
+        or the record plan changes, so a decode step pays a tuple compare.
         """
-        key = (self.routing.version, self._version, batch)
+        recording = self.recorder is not None and self.recorder.plan is not None
+        key = (self.routing.version, self._version, batch, recording)
         if self._paths is None or self._paths[0] != key:
             rows = set(self.routing.assigned_rows(batch))
-            self._paths = (key, Paths(*(bool(rows & kind) for kind in (self._add_rows, self._sparse_rows, self._full_rows))))
+            steering = (bool(rows & kind) for kind in (self._add_rows, self._sparse_rows, self._full_rows))
+            self._paths = (key, Paths(*steering, record=recording))
         return self._paths[1]
 
-    def capture_paths(self) -> Paths:
-        """Every path a later replay of a captured graph may need, whatever rows it is given."""
-        return Paths(add=True, sparse=self.elementwise, full=self.d_sae > 0)
+    def paths_within(self, declared: Paths) -> Paths:
+        """The paths of ``declared`` this site can run: a captured graph holds them whatever
+        rows a later replay is given."""
+        return Paths(
+            add=declared.add,
+            sparse=declared.sparse and self.elementwise,
+            full=declared.full and self.d_sae > 0,
+            record=declared.record and self.recorder is not None,
+        )
 
     def max_feature(self) -> int:
         """The largest feature index any live row clamps (-1 if none)."""
@@ -713,6 +748,8 @@ def allocate_sites(
     }
     for name, state in states.items():
         if capacity.max_top_k and state.has_sae:
-            state.recorder = SiteRecorder(name, capacity.max_tokens, capacity.max_batch, capacity.max_top_k, dtype, device)
+            state.recorder = SiteRecorder(
+                name, capacity.max_tokens, capacity.max_batch, capacity.max_top_k, state.W_enc.shape[1], dtype, device
+            )
         register_site(f"{prefix}:{name}", state)
     return routing, states, prefix

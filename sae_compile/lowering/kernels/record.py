@@ -9,6 +9,9 @@ entry of the ``[B, S, width]`` record is padding: value 0 and, for top-k, index 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 
 from ...activations import activate_, top_k_indices
@@ -21,74 +24,122 @@ from . import torch_path, triton_sae
 RECORD_CHUNK = 256
 
 
-def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor) -> None:
+def record_site(x: torch.Tensor, site: SiteState, valid: torch.Tensor, static: bool) -> None:
     """Write the record of ``x [B, S, D]`` (the tensor arriving at ``site``) into its recorder;
-    ``valid [B, S]`` marks the tokens that are not padding."""
-    recorder = _recorder(site, x)
-    batch, seq, d = x.shape
-    count = len(recorder.plan.rows)
+    ``valid [B, S]`` marks the tokens that are not padding. ``static``: a captured graph (or
+    the warmup before one) records, so nothing may depend on the host's plan (``_record_static``)."""
+    recorder = site.recorder
+    assert recorder is not None
+    if static:
+        _record_static(x, site, recorder, valid)
+    else:
+        _record_planned(x, site, recorder, valid)
+
+
+def _record_planned(x: torch.Tensor, site: SiteState, recorder: SiteRecorder, valid: torch.Tensor) -> None:
+    """Encode only the plan's rows, each to its own width, as the host's plan says."""
+    plan = recorder.plan
+    assert plan is not None
+    batch, seq, _ = x.shape
+    count = len(plan.rows)
     every_row = count == batch  # the rows are distinct and ascending: 0..B-1, nothing to gather
     rows = recorder.batch_index[:count]  # [R]
-    tokens = (x if every_row else x.index_select(0, rows)).reshape(count * seq, d)  # [R*S, D]
-    if site.layer_norm_input:
-        tokens = torch_path.layer_norm_in(tokens)[0]
-    keep = (valid if every_row else valid.index_select(0, rows)).reshape(-1, 1)  # [R*S, 1]
-    widths = recorder.row_width[:count].repeat_interleave(seq)[:, None]  # [R*S, 1]
-    values, indices = recorder.output(batch, seq)
+    tokens = x if every_row else x.index_select(0, rows)  # [R, S, D]
+    keep = valid if every_row else valid.index_select(0, rows)  # [R, S]
+    widths = recorder.row_width[:batch] if every_row else recorder.row_width.index_select(0, rows)  # [R]
+    values, indices = recorder.output(batch, seq, plan.width)
     if not every_row:
         values.zero_()
         indices.fill_(PAD_INDEX)
-    for start in range(0, count * seq, RECORD_CHUNK):
-        span = slice(start, start + RECORD_CHUNK)
-        chunk_values, chunk_indices = _record_tokens(tokens[span], site, recorder)
-        pad = ~keep[span] | (torch.arange(chunk_values.shape[1], device=x.device) >= widths[span])
-        for out, chunk, fill in ((values, chunk_values, 0), (indices, chunk_indices, PAD_INDEX)):
-            chunk = chunk.masked_fill_(pad, fill).to(out.dtype)
+    chunks = _recorded_chunks(tokens, site, keep, widths, _Layout(plan.width, plan.features is not None, site.d_sae))
+    for start, chunk_values, chunk_indices in chunks:
+        for out, chunk in ((values, chunk_values), (indices, chunk_indices)):
             if every_row:
-                out.view(count * seq, -1)[span] = chunk
+                out.view(count * seq, -1)[start : start + chunk.shape[0]] = chunk
             else:
                 _scatter_rows(out, chunk, rows, seq, start)
+    recorder.written_width = plan.width
 
 
-def _recorder(site: SiteState, x: torch.Tensor) -> SiteRecorder:
-    """The site's recorder, marked as written; recording inside a CUDA-graph capture raises."""
+def _record_static(x: torch.Tensor, site: SiteState, recorder: SiteRecorder, valid: torch.Tensor) -> None:
+    """Encode every row to the buffers' full width and pad on the device: the rows, their
+    widths and the request's kind come from the recorder's device tables, so a replay
+    records whatever plan the host wrote before it."""
+    batch, seq, _ = x.shape
+    width = recorder.static_width
+    values, indices = recorder.output(batch, seq, width)
+    # Every buffered feature: a narrower SAE swapped in later reads zeros past its own.
+    layout = _Layout(width, recorder.dense, site.W_enc.shape[1])
+    chunks = _recorded_chunks(x, site, valid, recorder.row_width[:batch], layout)
+    for start, chunk_values, chunk_indices in chunks:
+        values.view(batch * seq, -1)[start : start + chunk_values.shape[0]] = chunk_values
+        indices.view(batch * seq, -1)[start : start + chunk_indices.shape[0]] = chunk_indices
+    recorder.written_width = width
+
+
+class _Layout(NamedTuple):
+    """What one forward's record holds per token."""
+
+    width: int  # entries per token
+    dense: bool | torch.Tensor  # the dense request's columns rather than top-k (a 0-d bool on the device: chosen there)
+    features: int  # SAE features encoded: the first ``features`` of the buffers
+
+
+def _recorded_chunks(
+    x: torch.Tensor, site: SiteState, keep: torch.Tensor, widths: torch.Tensor, layout: _Layout
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(start, values [n, width], indices [n, width])`` for each chunk of the tokens of ``x
+    [R, S, D]``, padded where ``keep [R, S]`` is False and past each row's ``widths [R]``."""
     recorder = site.recorder
-    assert recorder is not None and recorder.plan is not None
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"sae_compile: {site.name} records features, which a captured CUDA graph cannot: its replays "
-            "would keep this forward's rows. Record without CUDA graphs."
-        )
-    recorder.wrote = True
-    return recorder
+    assert recorder is not None
+    rows, seq, d = x.shape
+    tokens = x.reshape(rows * seq, d)  # [R*S, D]
+    if site.layer_norm_input:
+        tokens = torch_path.layer_norm_in(tokens)[0]
+    keep = keep.reshape(-1, 1)  # [R*S, 1]
+    widths = widths.repeat_interleave(seq)[:, None]  # [R*S, 1]
+    columns = torch.arange(layout.width, device=x.device)  # [width]
+    for start in range(0, rows * seq, RECORD_CHUNK):
+        span = slice(start, start + RECORD_CHUNK)
+        values, indices = _record_tokens(tokens[span], site, recorder.dense_features[: layout.width], layout)
+        pad = ~keep[span] | (columns >= widths[span])  # [n, width]
+        yield start, values.masked_fill_(pad, 0).to(recorder.values.dtype), indices.masked_fill_(pad, PAD_INDEX)
 
 
-def _record_tokens(x: torch.Tensor, site: SiteState, recorder: SiteRecorder) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values [n, width], indices [n, width])`` of the tokens ``x [n, D]``."""
-    f = activate_(_encode(x, site), site.activation, site.threshold[: site.d_sae], site.k)
-    plan = recorder.plan
-    assert plan is not None
-    if plan.features is not None:
-        indices = recorder.dense_features[: plan.width].expand(x.shape[0], -1)  # [n, width]
-        return f.gather(1, indices), indices.clone()
-    return top_k_sorted(f, plan.width)
+def _record_tokens(
+    x: torch.Tensor, site: SiteState, dense_features: torch.Tensor, layout: _Layout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [n, width], indices [n, width])`` of the tokens ``x [n, D]``: the features
+    ``dense_features [width]`` where ``layout.dense`` holds, else each token's ``width`` largest."""
+    dense = layout.dense
+    static = isinstance(dense, torch.Tensor)  # the kind is chosen on the device: a captured graph
+    pre = _encode(x, site, layout.features)  # [n, F]
+    f = activate_(pre, site.activation, site.threshold[: layout.features], site.k, static=static)
+    columns = dense_features.expand(x.shape[0], -1)  # [n, width]
+    if dense is True:
+        return f.gather(1, columns), columns.clone()
+    gathered = None if dense is False else f.gather(1, columns)  # before top-k, which may overwrite f
+    values, indices = top_k_sorted(f, columns.shape[1], static=static)
+    if gathered is None:
+        return values, indices
+    return torch.where(dense, gathered, values), torch.where(dense, columns, indices)
 
 
-def _encode(x: torch.Tensor, site: SiteState) -> torch.Tensor:
-    """``x @ W_enc + b_enc`` over the SAE's own features; a narrower SAE swapped into wider
-    buffers reads a column slice, which is slower than the whole matrix."""
-    if site.d_sae == site.W_enc.shape[1]:
+def _encode(x: torch.Tensor, site: SiteState, features: int) -> torch.Tensor:
+    """``x @ W_enc + b_enc`` over the first ``features`` features; fewer than the buffers hold
+    (a narrower SAE swapped in) read a column slice, which is slower than the whole matrix."""
+    if features == site.W_enc.shape[1]:
         return torch.addmm(site.b_enc, x, site.W_enc)
-    return torch.addmm(site.b_enc[: site.d_sae], x, site.W_enc[:, : site.d_sae])
+    return torch.addmm(site.b_enc[:features], x, site.W_enc[:, :features])
 
 
-def top_k_sorted(f: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest of the non-negative ``f [n, F]`` and their indices, largest first and
     the lower index first among equal values; at a tie on the k-th value the lower indices
     are the ones kept (``top_k_indices``'s rule). On CUDA the selection is the TopK path's
     radix select; ``f`` may then be overwritten."""
     # [n, k], in feature order
-    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k).sort(dim=1).values
+    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=static).sort(dim=1).values
     values = f.gather(1, indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from ...runtime.state import Paths, SiteState, every_path_active
+from ...runtime.state import STEERING_PATHS, Paths, SiteState, declared_paths
 from . import record, torch_path, triton_sae
 
 
@@ -39,18 +39,17 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
     """
     if site.broken is not None:
         raise RuntimeError(f"sae_compile: {site.broken}; call load_sae() again with a valid SAE to repair it.")
-    paths = _paths(x, site, x.shape[0])
-    recording = site.recorder is not None and site.recorder.plan is not None
-    if not (paths.add or paths.sparse or paths.full or recording):
+    paths, static = _paths(x, site, x.shape[0])
+    if not (paths.add or paths.sparse or paths.full or paths.record):
         # Nothing is steered or recorded here (an idle step): the output is x, copied, so that it
         # stays a fresh tensor in the fake's layout. Decided on the host, from the same mirrors as
-        # the paths: never under capture, where every path runs.
+        # the paths: never under capture, which runs the paths declared for it.
         return x.clone(memory_format=torch.contiguous_format)
     if x.dim() == 2:
         return _steer_tokens(x, site, paths)
     batch, seq, _ = x.shape
-    if recording:
-        record.record_site(x, site, site.routing.valid(batch, seq))
+    if paths.record:
+        record.record_site(x, site, site.routing.valid(batch, seq), static)
     return _steer_rows(x, site, *site.routing.view(batch, seq), paths)
 
 
@@ -115,10 +114,27 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_sae.TRITON_AVAILABLE and x.dtype in triton_sae.DTYPES
 
 
-def _paths(x: torch.Tensor, site: SiteState, batch: int) -> Paths:
-    """The host knows which paths the assigned rows need. A captured graph must contain every
-    path a later replay may need, so under capture (and in the warmup before it) all run."""
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing:
+def _paths(x: torch.Tensor, site: SiteState, batch: int) -> tuple[Paths, bool]:
+    """The paths to run, and whether they must be static: decided by nothing a replay would
+    not see. The host knows which paths the assigned rows need. A captured graph holds the
+    paths declared for it (``capture_paths``; every steering path for an undeclared capture,
+    as CUDA graph trees make), whatever rows a replay is given, and so does the warmup before it."""
+    declared = declared_paths()
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         site.note_capture()
-    return site.capture_paths() if capturing or every_path_active() else site.live_paths(batch)
+        if declared is None:
+            _refuse_undeclared_recording(site)
+            declared = STEERING_PATHS
+    if declared is not None:
+        return site.paths_within(declared), True
+    return site.live_paths(batch), False
+
+
+def _refuse_undeclared_recording(site: SiteState) -> None:
+    if site.recorder is not None and site.recorder.plan is not None:
+        raise RuntimeError(
+            f"sae_compile: {site.name} records features inside a CUDA graph captured without declared paths "
+            "(mode='reduce-overhead', or a bare torch.cuda.graph), which holds no record path: its replays "
+            "would not record. Capture with SteeredModel.capture_steps and sc.Paths(record=True), or record "
+            "without CUDA graphs."
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...activations import activate_, jumprelu_, layer_norm
-from ...runtime.state import SiteState
+from ...runtime.state import SiteState, declared_paths
 
 
 def add_vector(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
@@ -86,8 +86,8 @@ def full_path(x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, site: Sit
     flat = x.reshape(batch * seq, d)  # [N, D]
     token_rows = rows.repeat_interleave(seq)  # [N]
     token_mask = (mask & site.full_row[rows][:, None]).reshape(-1)  # [N]
-    if x.is_cuda:
-        # No data-dependent sizes on the device: compute every token, keep the steered ones.
+    if x.is_cuda or declared_paths() is not None:
+        # No data-dependent sizes on the device or in a captured graph: compute every token, keep the steered ones.
         out = torch.empty_like(flat)
         for start in range(0, batch * seq, FULL_PATH_CHUNK):
             span = slice(start, start + FULL_PATH_CHUNK)
@@ -108,7 +108,8 @@ def _full_tokens(x: torch.Tensor, token_rows: torch.Tensor, site: SiteState) -> 
     clamps edit it, the decode reads it. That is the bare SAE's own memory traffic, plus a
     ``[n, F]`` mask for JumpReLU; on the CPU the decode may read fewer rows (``_decode``).
     """
-    f = activate_(torch.addmm(site.b_enc, x, site.W_enc), site.activation, site.threshold, site.k)  # [n, F]
+    pre = torch.addmm(site.b_enc, x, site.W_enc)  # [n, F]
+    f = activate_(pre, site.activation, site.threshold, site.k, static=declared_paths() is not None)
     idx = site.clamp_idx[token_rows]  # [n, C]
     coef = (site.clamp_mul[token_rows] - 1.0) * f.gather(1, idx).float() + site.clamp_shift[token_rows]  # [n, C]
     recon = site.reconstruct_row[token_rows][:, None]  # [n, 1]
@@ -132,8 +133,8 @@ SPARSE_DECODE_MAX_TOKENS = 64
 def _decode(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """``f @ W_dec`` for ``f [n, F]``. On the CPU, for a few tokens that use few features between
     them, over only those features' rows: the terms it leaves out are exact zeros."""
-    if f.is_cuda or not 0 < f.shape[0] <= SPARSE_DECODE_MAX_TOKENS:
-        return f @ W_dec  # on CUDA, choosing would need the count on the host
+    if f.is_cuda or declared_paths() is not None or not 0 < f.shape[0] <= SPARSE_DECODE_MAX_TOKENS:
+        return f @ W_dec  # on CUDA or in a captured graph, choosing would need the count on the host
     used = f.abs().amax(0).nonzero().squeeze(1)  # [u] features some token uses
     if used.numel() > SPARSE_DECODE_MAX_SHARE * f.shape[1]:
         return f @ W_dec
