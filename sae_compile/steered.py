@@ -8,7 +8,7 @@ import functools
 import hashlib
 import operator
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -160,27 +160,30 @@ def _sae_signature(sae: SAE | None) -> str:
 
 def resolve_site(layout: DecoderLayout, available: Sites, name: str) -> Site:
     """The exposed site ``name`` refers to, or a ValueError listing the available ones."""
-    names = ", ".join(site.name for site in sorted(available))
     try:
         site = layout.resolve(name)
     except ValueError:
         raise ValueError(
-            f"Unknown site {name!r}. Available sites: {names}. HF module paths work too "
+            f"Unknown site {name!r}. Available sites: {_listed(available)}. HF module paths work too "
             f"(e.g. {layout.layer_paths[0]!r} for resid_post)."
         ) from None
     if site not in available:
-        raise ValueError(f"Site {name!r} does not exist: {why_missing(site, available)}. Available sites: {names}.")
+        raise ValueError(f"Site {name!r} does not exist: {why_missing(site, available)}. Available sites: {_listed(available)}.")
     return site
+
+
+def _listed(sites: Iterable[Site]) -> str:
+    return ", ".join(site.name for site in sorted(sites)) or "none"
+
 
 
 def _resolve_attached(layout: DecoderLayout, available: Sites, attached: frozenset[Site], name: str) -> str:
     """The canonical name of attached site ``name``, or a ValueError saying what is attached."""
     site = resolve_site(layout, available, name)
     if site not in attached:
-        names = ", ".join(s.name for s in sorted(attached)) or "none"
         raise ValueError(
             f"Site {name!r} ({site.name}) is not attached, so it cannot be steered or recorded. Attached sites: "
-            f"{names}. Attaching a new site needs a new sc.steer() (one recompile)."
+            f"{_listed(attached)}. Attaching a new site needs a new sc.steer() (one recompile)."
         )
     return site.name
 
@@ -235,7 +238,8 @@ class SteeredModel:
         self._backend = backend
         self._checked_compiles = 0
         self._lock = threading.RLock()
-        resolve = functools.partial(_resolve_attached, layout, available, frozenset(states))
+        # Memoised: every call's edits and record requests name their sites (errors are not cached).
+        resolve = functools.lru_cache(maxsize=1024)(functools.partial(_resolve_attached, layout, available, frozenset(states)))
         self._resolve = resolve
         self.slots = SlotManager(self._by_name, routing, resolve, routing.capacity.slot_rows, self._lock)
         self._calls = SlotManager(self._by_name, routing, resolve, routing.capacity.call_rows, self._lock)

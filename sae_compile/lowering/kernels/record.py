@@ -137,9 +137,16 @@ def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torc
     """The ``k`` largest of the non-negative ``f [n, F]`` and their indices, largest first and
     the lower index first among equal values; at a tie on the k-th value the lower indices
     are the ones kept (``top_k_indices``'s rule). On CUDA the selection is the TopK path's
-    radix select; ``f`` may then be overwritten."""
-    # [n, k], in feature order
-    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=static).sort(dim=1).values
+    radix select; ``f`` may then be overwritten. ``static``: read nothing back on the host."""
+    if not (f.is_cuda or static) and k < f.shape[1]:
+        # On the CPU (a read-back is free): torch.topk's sorted output is the rule's answer
+        # unless two of the k + 1 largest are equal, which a trained SAE's firing features
+        # rarely are; the exact path below sorts twice more.
+        top = f.topk(k + 1, dim=1)
+        if not bool((top.values[:, 1:] == top.values[:, :-1]).any()):
+            return top.values[:, :k], top.indices[:, :k]
+    # [n, k], in feature order; ``static=True`` skips top_k_indices's own CPU shortcut, just tried
+    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=True).sort(dim=1).values
     values = f.gather(1, indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)
