@@ -276,3 +276,25 @@ def test_property_top_k_equals_the_reference(dynamic_rec, batch, seq, k, site, r
             assert bool((got.indices[b] == -1).all())
         else:
             assert_top_k(sc.FeatureRecord(got.values[b : b + 1], got.indices[b : b + 1]), f64[b : b + 1], k)
+
+
+@pytest.mark.parametrize("features", [8192, 4096, 1000])
+@pytest.mark.parametrize("data", ["distinct", "ties", "few firing"])
+def test_the_cpu_top_k_shortcuts_keep_the_tie_rule(features: int, data: str) -> None:
+    """The record's top-k on the CPU (blocks first, then their features; the exact path on a
+    tie) against the rule itself: largest first, the lower index first among equal values."""
+    from sae_compile.activations import top_k_indices
+    from sae_compile.lowering.kernels.record import top_k_sorted
+
+    g = torch.Generator().manual_seed(features)
+    f = torch.randn(37, features, generator=g).relu_()
+    if data == "ties":
+        f = (f * 4).round() / 4
+    elif data == "few firing":
+        f[:, torch.randperm(features, generator=g)[: features - 5]] = 0
+    for k in (1, 5, 16):
+        values, indices = top_k_sorted(f.clone(), k)
+        kept = top_k_indices(f, k, static=True)
+        expected = [sorted(zip(f[r, kept[r]].tolist(), kept[r].tolist()), key=lambda p: (-p[0], p[1])) for r in range(f.shape[0])]
+        assert torch.equal(indices, torch.tensor([[i for _, i in row] for row in expected]))
+        assert torch.equal(values, f.gather(1, indices))
