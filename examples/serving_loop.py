@@ -1,9 +1,11 @@
 """A static-KV-cache decode loop in which requests join and leave with different steering.
 
-The decode step is compiled once (and, on a GPU, captured once in a CUDA graph). Requests
-are admitted into ``steered.slots``, share rows when their steering is identical, change
-steering mid-stream, and leave; the batch assignment is rewritten in place before each
-step. At the end the loop prints how many graphs were compiled while it ran: zero.
+The decode step is compiled once (and, on a GPU, captured in two CUDA graphs: one with the
+clamps' paths only, one that can also record features; each step replays the one it
+needs). Requests are admitted into ``steered.slots``, share rows when their steering is
+identical, change steering mid-stream, and leave; the batch assignment is rewritten in
+place before each step. Every 16th step records each slot's top SAE features. At the end
+the loop prints the last record of slot 0 and how many graphs were compiled while it ran: zero.
 
 HF's ``StaticCache`` keeps one length for the whole batch, so a request that joins a slot
 continues that slot's context; a real engine would pair this with its own paged cache.
@@ -20,9 +22,8 @@ import transformers
 from torch._dynamo.utils import counters
 
 import sae_compile as sc
-from sae_compile.runtime.capture import capture
 
-SITE, SLOTS, PROMPT, STEPS = "blocks.2.hook_resid_post", 4, 8, 48
+SITE, SLOTS, PROMPT, STEPS, RECORD_EVERY = "blocks.2.hook_resid_post", 4, 8, 48, 16
 
 
 def main() -> None:
@@ -56,15 +57,15 @@ def main() -> None:
         slots[i] = f"req{i}"
         steered.slots.admit(slots[i], new_steering(), PROMPT)
     steered.slots.assign(slots)
+    out = None
     if device == "cuda":
-        graph, out = capture(lambda: steered.step(step_ids, past_key_values=cache), reset=cache.reset)
-        decode = graph.replay
-    else:
-        out = None
+        clamps, recording = sc.Paths(add=True, sparse=True), sc.Paths(add=True, sparse=True, record=True)
+        graphs = steered.capture_steps(lambda: steered.step(step_ids, past_key_values=cache), [clamps, recording],
+                                       reset=cache.reset)
 
-        def decode() -> None:
-            nonlocal out
-            out = steered.step(step_ids, past_key_values=cache)
+    def decode() -> None:
+        nonlocal out
+        out = graphs.replay() if device == "cuda" else steered.step(step_ids, past_key_values=cache)
 
     prompt = torch.randint(0, config.vocab_size, (SLOTS, PROMPT), device=device)
     with torch.no_grad():
@@ -85,9 +86,15 @@ def main() -> None:
             elif event < 0.3:  # the request changes its steering mid-stream
                 steered.slots.update(slots[slot], new_steering())
             steered.slots.assign(slots)
+            recording = _step % RECORD_EVERY == RECORD_EVERY - 1
+            steered.record_steps([sc.Features(SITE, top_k=5)] if recording else None, SLOTS)
             decode()
+            if recording:
+                record = steered.step_features()[SITE]
             step_ids.copy_(out.logits[:, -1:].argmax(-1))
     print(f"device={device} requests served={served} steps={STEPS} rows in use={len(steered.slots.rows_in_use())}")
+    top = ", ".join(f"{i}: {v:.3f}" for i, v in zip(record.indices[0, -1].tolist(), record.values[0, -1].tolist(), strict=True))
+    print(f"slot 0's top features at {SITE} on the last recorded step: {top}")
     print(f"graphs compiled during the loop: {counters['stats']['unique_graphs'] - graphs}")
 
 
