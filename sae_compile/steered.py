@@ -409,20 +409,21 @@ class SteeredModel:
         holding what the assignment needs (``needed_paths``). ``warmup`` and ``reset`` are as
         for ``runtime.capture.capture``. A graph with ``record=True`` records what
         ``record_steps`` last planned, read back with ``step_features``."""
-        if not path_sets:
-            raise ValueError("capture_steps: give at least one path set, e.g. [sc.Paths(add=True, sparse=True)].")
+        if not path_sets or not all(isinstance(paths, Paths) for paths in path_sets):
+            raise TypeError("capture_steps: path_sets is a non-empty list of sc.Paths, e.g. [sc.Paths(add=True, sparse=True)].")
+        if self._device.type != "cuda":
+            raise ValueError(f"capture_steps captures CUDA graphs; this model is on {self._device}. Call step() instead.")
         graphs, shapes = [], {}
         for paths in path_sets:
             graph, output = capture(step, warmup=warmup, reset=reset, paths=paths)
             graphs.append((paths, graph, output))
             shapes[paths] = self._last_shape
-        return StepGraphs(graphs, self.needed_paths, functools.partial(self._replayed, shapes))
+        return StepGraphs(graphs, self.needed_paths, functools.partial(self._replayed, shapes), self._lock)
 
     def _replayed(self, shapes: dict[Paths, tuple[int, int]], paths: Paths) -> None:
-        with self._lock:
-            self._last_shape = shapes[paths]
-            if paths.record:
-                self._recording.replayed()
+        self._last_shape = shapes[paths]
+        if paths.record:
+            self._recording.replayed()
 
     def generate(
         self,

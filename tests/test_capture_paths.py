@@ -176,3 +176,13 @@ def test_warmup_with_the_record_path_runs_the_static_record(steered: sc.SteeredM
     assert ran == []
     steered.warmup([(1, 2)], repeats=1, paths=sc.Paths(add=True, record=True), use_cache=False)
     assert sorted(set(ran)) == sorted([MID, POST])
+
+
+@pytest.mark.parametrize(("path_sets", "error", "message"), [
+    ([], TypeError, "non-empty list of sc.Paths"),
+    (["add"], TypeError, "non-empty list of sc.Paths"),
+    ([sc.Paths(add=True)], ValueError, "captures CUDA graphs"),
+])
+def test_capture_steps_refuses_bad_path_sets_and_a_cpu_model(steered: sc.SteeredModel, path_sets, error, message) -> None:
+    with pytest.raises(error, match=message):
+        steered.capture_steps(lambda: None, path_sets)

@@ -295,6 +295,7 @@ def test_the_cpu_top_k_shortcuts_keep_the_tie_rule(features: int, data: str) -> 
     for k in (1, 5, 16):
         values, indices = top_k_sorted(f.clone(), k)
         kept = top_k_indices(f, k, static=True)
-        expected = [sorted(zip(f[r, kept[r]].tolist(), kept[r].tolist()), key=lambda p: (-p[0], p[1])) for r in range(f.shape[0])]
-        assert torch.equal(indices, torch.tensor([[i for _, i in row] for row in expected]))
+        rows = [zip(f[r, kept[r]].tolist(), kept[r].tolist(), strict=True) for r in range(f.shape[0])]
+        expected = [[i for _, i in sorted(row, key=lambda p: (-p[0], p[1]))] for row in rows]
+        assert torch.equal(indices, torch.tensor(expected))
         assert torch.equal(values, f.gather(1, indices))

@@ -16,6 +16,7 @@ the steps that record.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -75,7 +76,8 @@ class StepGraphs:
 
     ``needed()`` says which paths the next step needs (``SteeredModel.needed_paths``), read on
     the host from the assignment; ``replayed(paths)`` is told which graph ran, so that what it
-    recorded can be collected. Build it with ``SteeredModel.capture_steps``.
+    recorded can be collected. A replay holds ``lock`` (the model's), so no state write lands
+    between the choice and the replay. Build it with ``SteeredModel.capture_steps``.
     """
 
     def __init__(
@@ -83,11 +85,13 @@ class StepGraphs:
         graphs: Sequence[tuple[Paths, torch.cuda.CUDAGraph, Any]],
         needed: Callable[[], Paths],
         replayed: Callable[[Paths], None],
+        lock: AbstractContextManager,
     ) -> None:
         self._paths = [paths for paths, _, _ in graphs]
         self._graphs = [(graph, output) for _, graph, output in graphs]
         self._needed = needed
         self._replayed = replayed
+        self._lock = lock
 
     @property
     def path_sets(self) -> list[Paths]:
@@ -98,8 +102,9 @@ class StepGraphs:
         """Replay the cheapest graph that serves the current assignment; returns its static
         output (rewritten by every replay of that graph). ValueError, before anything runs,
         when no graph holds the paths the step needs."""
-        chosen = cheapest_covering(self._paths, self._needed())
-        graph, output = self._graphs[chosen]
-        graph.replay()
-        self._replayed(self._paths[chosen])
+        with self._lock:
+            chosen = cheapest_covering(self._paths, self._needed())
+            graph, output = self._graphs[chosen]
+            graph.replay()
+            self._replayed(self._paths[chosen])
         return output

@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -389,6 +390,17 @@ def declared_paths() -> Paths | None:
     return getattr(_DECLARED, "paths", None)
 
 
+class SparseTables(NamedTuple):
+    """The sparse-delta tables of a batch's steering rows (``C`` clamp slots, ``D`` wide)."""
+
+    enc_t: torch.Tensor  # [B, D, C] the clamped features' encoder columns
+    dec: torch.Tensor  # [B, C, D] their decoder rows
+    b_enc: torch.Tensor  # [B, 1, C] fp32
+    threshold: torch.Tensor  # [B, 1, C] fp32 (0 for ReLU)
+    mul_m1: torch.Tensor  # [B, 1, C] fp32, mul - 1
+    shift: torch.Tensor  # [B, 1, C] fp32
+
+
 # Columns (features) per step when copying or folding SAE weights: bounds the scratch of a
 # dtype or device conversion to a few MiB instead of a second copy of the weights.
 _COPY_ELEMENTS = 1 << 20
@@ -445,6 +457,8 @@ class SiteState:
         self._full_rows: set[int] = set()
         self._version = 0
         self._paths: tuple[tuple[int, int, int, bool], Paths] | None = None
+        self._tables_version = 0  # bumped by every write to the sparse tables
+        self._tables: tuple[tuple[torch.Tensor, int, int], SparseTables] | None = None
         self.broken: str | None = None
         self.handle: str | None = None  # set by register_site
         self.recorder: SiteRecorder | None = None  # set by allocate_sites when recording is sized
@@ -503,6 +517,26 @@ class SiteState:
             record=declared.record and self.recorder is not None,
         )
 
+    def sparse_tables(self, rows: torch.Tensor) -> SparseTables:
+        """The sparse-delta tables of steering ``rows [B]``, gathered.
+
+        A decode loop passes the routing's cached view of its rows every step, so on the CPU,
+        outside a capture, the gather is kept for as long as that view, the assignment and the
+        rows' edits stand: six ops fewer per step, which costs tens of µs each inside a step.
+        """
+        if rows.is_cuda or declared_paths() is not None:
+            return self._gather_tables(rows)
+        key = (rows, self.routing.version, self._tables_version)
+        cached = self._tables
+        if cached is None or cached[0][0] is not rows or cached[0][1:] != key[1:]:
+            cached = self._tables = (key, self._gather_tables(rows))
+        return cached[1]
+
+    def _gather_tables(self, rows: torch.Tensor) -> SparseTables:
+        enc = self.sparse_enc.index_select(0, rows)  # [B, C, D]
+        params = self.sparse_params.index_select(0, rows)[:, :, None, :].unbind(1)  # 4 x [B, 1, C]
+        return SparseTables(enc.transpose(1, 2), self.sparse_dec.index_select(0, rows), *params)
+
     def max_feature(self) -> int:
         """The largest feature index any live row clamps (-1 if none)."""
         return max((max(e.features, default=-1) for e in self._edits.values()), default=-1)
@@ -537,6 +571,7 @@ class SiteState:
         sparse tables (all zero unless the row is a sparse delta row)."""
         edits = self._edits.get(row, RowEdits())
         n = len(edits.features) if row in self._sparse_rows else 0
+        self._tables_version += 1
         idx = torch.tensor(edits.features[:n], dtype=torch.long, device=self.W_enc.device)
         with torch.no_grad():
             for table in (self.sparse_enc[row], self.sparse_dec[row], self.sparse_params[row]):

@@ -65,13 +65,11 @@ def sparse_delta(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site
 
 
 def _sparse_delta_rows(x: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, site: SiteState) -> torch.Tensor:
-    enc = site.sparse_enc.index_select(0, rows)  # [B, C, D]
-    dec = site.sparse_dec.index_select(0, rows)  # [B, C, D]
-    b_enc, threshold, mul_m1, shift = site.sparse_params.index_select(0, rows)[:, :, None, :].unbind(1)  # [B, 1, C] each
-    pre = torch.bmm(x, enc.transpose(1, 2)).float() + b_enc  # [B, S, C]; x @ enc at model precision
-    f = jumprelu_(pre, threshold)  # [B, S, C] (ReLU: threshold 0)
-    coef = torch.addcmul(shift, f, mul_m1) * weight[..., None]  # [B, S, C] = f' - f on steered tokens
-    return torch.baddbmm(x, coef.to(x.dtype), dec)  # [B, S, D]
+    tables = site.sparse_tables(rows)
+    pre = torch.bmm(x, tables.enc_t).float() + tables.b_enc  # [B, S, C]; x @ enc at model precision
+    f = jumprelu_(pre, tables.threshold)  # [B, S, C] (ReLU: threshold 0)
+    coef = torch.addcmul(tables.shift, f, tables.mul_m1) * weight[..., None]  # [B, S, C] = f' - f on steered tokens
+    return torch.baddbmm(x, coef.to(x.dtype), tables.dec)  # [B, S, D]
 
 
 # Tokens per full-path step: bounds the [tokens, F] scratch (a long prefill through a wide
