@@ -176,7 +176,6 @@ def _listed(sites: Iterable[Site]) -> str:
     return ", ".join(site.name for site in sorted(sites)) or "none"
 
 
-
 def _resolve_attached(layout: DecoderLayout, available: Sites, attached: frozenset[Site], name: str) -> str:
     """The canonical name of attached site ``name``, or a ValueError saying what is attached."""
     site = resolve_site(layout, available, name)
