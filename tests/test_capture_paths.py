@@ -51,11 +51,12 @@ def scenarios(d: int) -> list[tuple[list[sc.Steering | None], object]]:
 
 def assign(steered: sc.SteeredModel, steerings: list[sc.Steering | None], record_: object, x: torch.Tensor) -> None:
     """Host writes between replays: the rows, the assignment, the record plan, and the route."""
-    ids = []
     for row, steering in enumerate(steerings):
-        steered.slots.update(row, steering, SEQ) if row in steered.slots.requests else steered.slots.admit(row, steering, SEQ)
-        ids.append(row)
-    steered.slots.assign(ids)
+        if row in steered.slots.requests:
+            steered.slots.update(row, steering, SEQ)
+        else:
+            steered.slots.admit(row, steering, SEQ)
+    steered.slots.assign(list(range(len(steerings))))
     steered.record_steps(record_, BATCH)
     steered._routing.route(torch.arange(SEQ), None, BATCH, SEQ)
 
