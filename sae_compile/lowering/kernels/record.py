@@ -1,11 +1,14 @@
 """Recording a site's SAE features inside the steering op, before the site's own edits.
 
-For the batch rows a site's ``RecordPlan`` names, and only for them, the op runs the full
-encode ``f = act(x @ W_enc + b_enc)`` (``b_dec`` folded into ``b_enc`` as for steering; ``x``
-layer-normalised first for an SAE with ``layer_norm_input``) a chunk of tokens at a time, then keeps each token's ``width`` largest (top-k) or the dense
-request's columns, and writes them into the site's static record buffers. Every other
-entry of the ``[B, S, width]`` record is padding: value 0 and, for top-k, index -1.
-"""
+On the host's plan (a forward outside a captured graph), the op encodes only the batch rows
+a site's ``RecordPlan`` names: the full encode ``f = act(x @ W_enc + b_enc)`` (``b_dec``
+folded into ``b_enc`` as for steering; ``x`` layer-normalised first for an SAE with
+``layer_norm_input``), a chunk of tokens at a time, then keeps each token's ``width``
+largest (top-k) or the dense request's columns, and writes them into the site's static
+record buffers. Every other entry of the ``[B, S, width]`` record is padding: value 0 and,
+for top-k, index -1. Under declared paths with ``record`` (a captured graph, or its warmup)
+it encodes every row to the buffers' static width instead and pads from device tables, so
+that a replay follows whatever plan the host wrote before it."""
 
 from __future__ import annotations
 
