@@ -278,24 +278,51 @@ def test_property_top_k_equals_the_reference(dynamic_rec, batch, seq, k, site, r
             assert_top_k(sc.FeatureRecord(got.values[b : b + 1], got.indices[b : b + 1]), f64[b : b + 1], k)
 
 
-@pytest.mark.parametrize("features", [8192, 4096, 1000])
-@pytest.mark.parametrize("data", ["distinct", "ties", "few firing"])
-def test_the_cpu_top_k_shortcuts_keep_the_tie_rule(features: int, data: str) -> None:
-    """The record's top-k on the CPU (blocks first, then their features; the exact path on a
-    tie) against the rule itself: largest first, the lower index first among equal values."""
-    from sae_compile.activations import top_k_indices
-    from sae_compile.lowering.kernels.record import top_k_sorted
-
+def cpu_pre_activations(features: int, data: str, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre [37, F], threshold [F])`` for the CPU record's shortcuts, shaped to make them fail:
+    values with ties, few features firing, or (JumpReLU) blocks whose largest pre-activations a
+    threshold hides."""
     g = torch.Generator().manual_seed(features)
-    f = torch.randn(37, features, generator=g).relu_()
+    pre = torch.randn(37, features, generator=g)
+    threshold = 0.1 * torch.rand(features, generator=g) if activation == "jumprelu" else torch.zeros(features)
     if data == "ties":
-        f = (f * 4).round() / 4
+        pre = (pre * 4).round() / 4
     elif data == "few firing":
-        f[:, torch.randperm(features, generator=g)[: features - 5]] = 0
+        pre[:, torch.randperm(features, generator=g)[: features - 5]] = -1.0
+    elif data == "hidden maxima":
+        hidden = torch.randperm(features, generator=g)[: features // 4]
+        pre[:, hidden] += 3.0
+        threshold[hidden] = 10.0 if activation == "jumprelu" else 0.0
+    return pre, threshold
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+@pytest.mark.parametrize("features", [8192, 4096, 1000])
+@pytest.mark.parametrize("data", ["distinct", "ties", "few firing", "hidden maxima"])
+def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str, features: int, data: str) -> None:
+    """The record's top-k on the CPU (the blocks of largest bound first, the exact path for
+    the tokens it cannot prove) and its dense columns against the rule on ``act(pre)`` itself:
+    largest first, the lower index first among equal values. On distinct values every token
+    is proven, so the exact path never runs."""
+    from types import SimpleNamespace
+
+    from sae_compile.activations import activate_
+    from sae_compile.lowering.kernels import record
+
+    pre, threshold = cpu_pre_activations(features, data, activation)
+    # A TopK SAE of k = 8: its record's k of 16 is past the shortcut (relu(pre) is not act(pre) there).
+    site = SimpleNamespace(activation=activation, k=8 if activation == "topk" else None, threshold=threshold)
+    f = activate_(pre.clone(), activation, threshold, site.k)
+    exact_rows = []
+    exact = record.top_k_sorted
+    monkeypatch.setattr(record, "top_k_sorted", lambda f, k, **kw: exact_rows.append(f.shape[0]) or exact(f, k, **kw))
     for k in (1, 5, 16):
-        values, indices = top_k_sorted(f.clone(), k)
-        kept = top_k_indices(f, k, static=True)
-        rows = [zip(f[r, kept[r]].tolist(), kept[r].tolist(), strict=True) for r in range(f.shape[0])]
-        expected = [[i for _, i in sorted(row, key=lambda p: (-p[0], p[1]))] for row in rows]
-        assert torch.equal(indices, torch.tensor(expected))
-        assert torch.equal(values, f.gather(1, indices))
+        exact_rows.clear()
+        columns = torch.randperm(features, generator=torch.Generator().manual_seed(k))[:k]
+        values, indices = record._record_tokens(pre.clone(), site, columns, record._Layout(k, False, features))
+        expected = reference_top_k(f.double(), k)
+        assert torch.equal(indices, expected[1]) and torch.equal(values.double(), expected[0])
+        dense, at = record._record_tokens(pre.clone(), site, columns, record._Layout(k, True, features))
+        assert torch.equal(at, columns.expand(37, -1)) and torch.equal(dense, f[:, columns])
+        shortcut = features % record.TOP_K_BLOCK == 0 and (site.k is None or k <= site.k)
+        assert not (data == "distinct" and shortcut) or not exact_rows

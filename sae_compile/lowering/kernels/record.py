@@ -102,23 +102,32 @@ def _recorded_chunks(
     keep = keep.reshape(-1, 1)  # [R*S, 1]
     widths = widths.repeat_interleave(seq)[:, None]  # [R*S, 1]
     columns = torch.arange(layout.width, device=x.device)  # [width]
+    # One encode buffer for every chunk: a fresh one each time costs the CPU its page faults.
+    scratch = tokens.new_empty(min(RECORD_CHUNK, rows * seq), layout.features)  # [chunk, F]
     for start in range(0, rows * seq, RECORD_CHUNK):
         span = slice(start, start + RECORD_CHUNK)
-        values, indices = _record_tokens(tokens[span], site, recorder.dense_features[: layout.width], layout)
+        pre = _encode(tokens[span], site, scratch[: tokens[span].shape[0]])  # [n, F]
+        values, indices = _record_tokens(pre, site, recorder.dense_features[: layout.width], layout)
         pad = ~keep[span] | (columns >= widths[span])  # [n, width]
         yield start, values.masked_fill_(pad, 0).to(recorder.values.dtype), indices.masked_fill_(pad, PAD_INDEX)
 
 
 def _record_tokens(
-    x: torch.Tensor, site: SiteState, dense_features: torch.Tensor, layout: _Layout
+    pre: torch.Tensor, site: SiteState, dense_features: torch.Tensor, layout: _Layout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values [n, width], indices [n, width])`` of the tokens ``x [n, D]``: the features
-    ``dense_features [width]`` where ``layout.dense`` holds, else each token's ``width`` largest."""
+    """``(values [n, width], indices [n, width])`` of the tokens whose pre-activations are
+    ``pre [n, F]`` (which it may overwrite): the features ``dense_features [width]`` where
+    ``layout.dense`` holds, else each token's ``width`` largest."""
     dense = layout.dense
     static = isinstance(dense, torch.Tensor)  # the kind is chosen on the device: a captured graph
-    pre = _encode(x, site, layout.features)  # [n, F]
-    f = activate_(pre, site.activation, site.threshold[: layout.features], site.k, static=static)
-    columns = dense_features.expand(x.shape[0], -1)  # [n, width]
+    threshold = site.threshold[: layout.features]
+    columns = dense_features.expand(pre.shape[0], -1)  # [n, width]
+    if dense is True and site.activation != "topk":
+        # ReLU and JumpReLU act feature by feature: the requested columns alone need it.
+        return activate_(pre.gather(1, columns), site.activation, threshold[columns]), columns.clone()
+    if dense is False and _bounds_apply(pre, site, layout.width):
+        return _largest_by_bounds(pre, site, threshold, layout.width)
+    f = activate_(pre, site.activation, threshold, site.k, static=static)
     if dense is True:
         return f.gather(1, columns), columns.clone()
     gathered = None if dense is False else f.gather(1, columns)  # before top-k, which may overwrite f
@@ -128,12 +137,13 @@ def _record_tokens(
     return torch.where(dense, gathered, values), torch.where(dense, columns, indices)
 
 
-def _encode(x: torch.Tensor, site: SiteState, features: int) -> torch.Tensor:
-    """``x @ W_enc + b_enc`` over the first ``features`` features; fewer than the buffers hold
-    (a narrower SAE swapped in) read a column slice, which is slower than the whole matrix."""
+def _encode(x: torch.Tensor, site: SiteState, out: torch.Tensor) -> torch.Tensor:
+    """``x @ W_enc + b_enc`` into ``out [n, F']``, over the first ``F'`` features; fewer than the
+    buffers hold (a narrower SAE swapped in) read a column slice, slower than the whole matrix."""
+    features = out.shape[1]
     if features == site.W_enc.shape[1]:
-        return torch.addmm(site.b_enc, x, site.W_enc)
-    return torch.addmm(site.b_enc[:features], x, site.W_enc[:, :features])
+        return torch.addmm(site.b_enc, x, site.W_enc, out=out)
+    return torch.addmm(site.b_enc[:features], x, site.W_enc[:, :features], out=out)
 
 
 def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,42 +151,59 @@ def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torc
     the lower index first among equal values; at a tie on the k-th value the lower indices
     are the ones kept (``top_k_indices``'s rule). On CUDA the selection is the TopK path's
     radix select; ``f`` may then be overwritten. ``static``: read nothing back on the host."""
-    if not (f.is_cuda or static) and k < f.shape[1]:
-        # On the CPU (a read-back is free): the k + 1 largest, sorted, are the rule's answer
-        # unless two of them are equal, which a trained SAE's firing features rarely are;
-        # the exact path below sorts twice more.
-        values, indices = _largest_sorted(f, k + 1)
-        if not bool((values[:, 1:] == values[:, :-1]).any()):
-            return values[:, :k], indices[:, :k]
-    # [n, k], in feature order; ``static=True`` skips top_k_indices's own CPU shortcut, just tried
-    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=True).sort(dim=1).values
+    # [n, k], in feature order
+    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=static).sort(dim=1).values
     values = f.gather(1, indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)
 
 
-# Features per block when the CPU picks the largest of each token in two steps (``_largest_sorted``).
+# Features per block when the CPU bounds each token's largest activations block by block (``_largest_by_bounds``).
 TOP_K_BLOCK = 32
 
 
-def _largest_sorted(f: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``m`` largest of each row of ``f [n, F]`` and their indices, largest first, ties in
-    any order. First the ``m`` blocks of ``TOP_K_BLOCK`` features with the largest maxima, then
-    the ``m`` largest among their features: half the time of one ``topk`` over all of ``F``.
+def _bounds_apply(pre: torch.Tensor, site: SiteState, k: int) -> bool:
+    """Whether the CPU's block-bound shortcut may select the ``k`` largest of ``act(pre)``: it
+    reads flags back on the host, and bounds ``act`` by ``relu(pre)``, which a TopK SAE's
+    activation equals on its ``k`` largest only while the record's ``k`` is at most the SAE's."""
+    features = pre.shape[1]
+    if pre.is_cuda or features % TOP_K_BLOCK or features < 4 * (k + 1) * TOP_K_BLOCK:
+        return False
+    return site.activation != "topk" or k <= site.k
 
-    Exact wherever the caller finds no tie among the ``m`` values: every feature outside the
-    chosen blocks is at most the smallest chosen maximum, which is at most the ``m``-th value.
+
+def _largest_by_bounds(
+    pre: torch.Tensor, site: SiteState, threshold: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k_sorted(act(pre), k)`` without activating all of ``pre [n, F]``.
+
+    Each block of ``TOP_K_BLOCK`` pre-activations bounds its activations by its maximum (or 0).
+    Among the features of the ``k`` blocks of largest bound, the ``k`` largest activations are a
+    token's answer where they and the next one are distinct and the ``k``-th exceeds the next
+    block's bound: then nothing outside comes near it. That holds for nearly every token, as a
+    block's bound is one of its activations unless a threshold hides it; the tokens where it
+    fails (a tie, fewer than ``k`` firing, a hidden maximum) take the exact path.
     """
-    n, features = f.shape
-    if features % TOP_K_BLOCK or features < 4 * m * TOP_K_BLOCK:
-        top = f.topk(m, dim=1)
-        return top.values, top.indices
-    blocks = f.view(n, features // TOP_K_BLOCK, TOP_K_BLOCK)  # [n, F / block, block]
-    chosen = blocks.amax(2).topk(m, dim=1, sorted=False).indices  # [n, m]
-    candidates = blocks.gather(1, chosen[:, :, None].expand(-1, -1, TOP_K_BLOCK)).view(n, -1)  # [n, m * block]
-    top = candidates.topk(m, dim=1)
-    block_of = chosen.gather(1, top.indices // TOP_K_BLOCK)  # [n, m]
-    return top.values, block_of * TOP_K_BLOCK + top.indices % TOP_K_BLOCK
+    n, features = pre.shape
+    count = features // TOP_K_BLOCK
+    bounds = pre.view(n, count, TOP_K_BLOCK).amax(2).topk(k + 1, dim=1)  # [n, k + 1], sorted
+    chosen = bounds.indices[:, :k]  # [n, k]
+    # index_select of whole blocks: several times faster on the CPU than a gather of their features
+    flat = (chosen + torch.arange(n, device=pre.device)[:, None] * count).view(-1)  # [n * k]
+    candidates = pre.view(n * count, TOP_K_BLOCK).index_select(0, flat).view(n, -1)  # [n, k * block]
+    limits = threshold.view(count, TOP_K_BLOCK).index_select(0, chosen.reshape(-1)).view(n, -1)
+    activation = "relu" if site.activation == "topk" else site.activation  # act = relu on the SAE's k largest
+    top = activate_(candidates, activation, limits).topk(k + 1, dim=1)
+    values = top.values  # [n, k + 1]
+    distinct = (values[:, 1:] != values[:, :-1]).all(1)  # [n]
+    proven = distinct & (values[:, k - 1] > bounds.values[:, k])  # [n]
+    position = top.indices[:, :k]  # [n, k]
+    values, indices = values[:, :k], chosen.gather(1, position // TOP_K_BLOCK) * TOP_K_BLOCK + position % TOP_K_BLOCK
+    if not bool(proven.all()):
+        rows = (~proven).nonzero().squeeze(1)  # [r]
+        f = activate_(pre.index_select(0, rows), site.activation, threshold, site.k)
+        values[rows], indices[rows] = top_k_sorted(f, k)
+    return values, indices
 
 
 def _use_triton(f: torch.Tensor) -> bool:
