@@ -278,12 +278,12 @@ def test_property_top_k_equals_the_reference(dynamic_rec, batch, seq, k, site, r
             assert_top_k(sc.FeatureRecord(got.values[b : b + 1], got.indices[b : b + 1]), f64[b : b + 1], k)
 
 
-def cpu_pre_activations(features: int, data: str, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pre [37, F], threshold [F])`` for the CPU record's shortcuts, shaped to make them fail:
+def cpu_pre_activations(rows: int, features: int, data: str, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pre [rows, F], threshold [F])`` for the CPU record's shortcuts, shaped to make them fail:
     values with ties, few features firing, or (JumpReLU) blocks whose largest pre-activations a
     threshold hides."""
     g = torch.Generator().manual_seed(features)
-    pre = torch.randn(37, features, generator=g)
+    pre = torch.randn(rows, features, generator=g)
     threshold = 0.1 * torch.rand(features, generator=g) if activation == "jumprelu" else torch.zeros(features)
     if data == "ties":
         pre = (pre * 4).round() / 4
@@ -297,19 +297,20 @@ def cpu_pre_activations(features: int, data: str, activation: str) -> tuple[torc
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
-@pytest.mark.parametrize("features", [8192, 4096, 1000])
+@pytest.mark.parametrize(("rows", "features"), [(37, 8192), (37, 4096), (37, 1000), (3, 8192)])
 @pytest.mark.parametrize("data", ["distinct", "ties", "few firing", "hidden maxima"])
-def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str, features: int, data: str) -> None:
+def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str, rows: int, features: int, data: str) -> None:
     """The record's top-k on the CPU (the blocks of largest bound first, the exact path for
-    the tokens it cannot prove) and its dense columns against the rule on ``act(pre)`` itself:
-    largest first, the lower index first among equal values. On distinct values every token
-    is proven, so the exact path never runs."""
+    the tokens it cannot prove; for a few tokens, the k + 1 largest of all) and its dense
+    columns against the rule on ``act(pre)`` itself: largest first, the lower index first
+    among equal values. On distinct values the blocks prove every token, so the exact path
+    never runs."""
     from types import SimpleNamespace
 
     from sae_compile.activations import activate_
     from sae_compile.lowering.kernels import record
 
-    pre, threshold = cpu_pre_activations(features, data, activation)
+    pre, threshold = cpu_pre_activations(rows, features, data, activation)
     # A TopK SAE of k = 8: its record's k of 16 is past the shortcut (relu(pre) is not act(pre) there).
     site = SimpleNamespace(activation=activation, k=8 if activation == "topk" else None, threshold=threshold)
     f = activate_(pre.clone(), activation, threshold, site.k)
@@ -323,6 +324,7 @@ def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str
         expected = reference_top_k(f.double(), k)
         assert torch.equal(indices, expected[1]) and torch.equal(values.double(), expected[0])
         dense, at = record._record_tokens(pre.clone(), site, columns, record._Layout(k, True, features))
-        assert torch.equal(at, columns.expand(37, -1)) and torch.equal(dense, f[:, columns])
-        shortcut = features % record.TOP_K_BLOCK == 0 and (site.k is None or k <= site.k)
+        assert torch.equal(at, columns.expand(rows, -1)) and torch.equal(dense, f[:, columns])
+        shortcut = pre.numel() >= record.BOUNDS_MIN_SIZE and features % record.TOP_K_BLOCK == 0
+        shortcut = shortcut and (site.k is None or k <= site.k)
         assert not (data == "distinct" and shortcut) or not exact_rows

@@ -151,8 +151,14 @@ def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torc
     the lower index first among equal values; at a tie on the k-th value the lower indices
     are the ones kept (``top_k_indices``'s rule). On CUDA the selection is the TopK path's
     radix select; ``f`` may then be overwritten. ``static``: read nothing back on the host."""
-    # [n, k], in feature order
-    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=static).sort(dim=1).values
+    if not (f.is_cuda or static) and k < f.shape[1]:
+        # On the CPU (a read-back is free): the k + 1 largest, sorted, are the rule's answer
+        # unless two of them are equal; the exact path below sorts twice more.
+        top = f.topk(k + 1, dim=1)
+        if not bool((top.values[:, 1:] == top.values[:, :-1]).any()):
+            return top.values[:, :k], top.indices[:, :k]
+    # [n, k], in feature order; ``static=True`` skips top_k_indices's own CPU shortcut, just tried
+    indices = triton_sae.top_k_features(f, k) if _use_triton(f) else top_k_indices(f, k, static=True).sort(dim=1).values
     values = f.gather(1, indices)
     order = values.sort(dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)
@@ -162,12 +168,19 @@ def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torc
 TOP_K_BLOCK = 32
 
 
+# Pre-activations below which a record's top-k activates them all: a decode step's few tokens
+# spend less on the full activation than on the block bounds' extra ops.
+BOUNDS_MIN_SIZE = 1 << 17
+
+
 def _bounds_apply(pre: torch.Tensor, site: SiteState, k: int) -> bool:
     """Whether the CPU's block-bound shortcut may select the ``k`` largest of ``act(pre)``: it
     reads flags back on the host, and bounds ``act`` by ``relu(pre)``, which a TopK SAE's
     activation equals on its ``k`` largest only while the record's ``k`` is at most the SAE's."""
     features = pre.shape[1]
-    if pre.is_cuda or features % TOP_K_BLOCK or features < 4 * (k + 1) * TOP_K_BLOCK:
+    if pre.is_cuda or pre.numel() < BOUNDS_MIN_SIZE:
+        return False
+    if features % TOP_K_BLOCK or features < 4 * (k + 1) * TOP_K_BLOCK:
         return False
     return site.activation != "topk" or k <= site.k
 
