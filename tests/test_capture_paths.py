@@ -161,6 +161,11 @@ def test_step_records_what_record_steps_planned_until_changed(steered: sc.Steere
     with torch.no_grad():
         steered.step(ids, use_cache=False)
     assert_same_record(steered.step_features()[POST], called.features[POST])  # the refused plan changed nothing
+    with pytest.raises(RuntimeError, match="no forward ran"):
+        steered.step_features()  # collected already
+    steered.record_steps(request, BATCH)
+    with pytest.raises(RuntimeError, match="since its plan was set"):
+        steered.step_features()  # no step since the plan
     steered.record_steps(None, BATCH)
 
 

@@ -113,9 +113,10 @@ class SiteRecorder:
         """A copy of what the last forward (``[batch, seq]`` tokens) recorded here."""
         if self.written_width is None:
             raise RuntimeError(
-                f"record: the forward did not record {self.name}: it ran as a captured CUDA graph (or the warmup "
-                "before one) that does not hold the record path. Record outside captured graphs, or capture "
-                "with the record path (SteeredModel.capture_steps with sc.Paths(record=True))."
+                f"record: nothing recorded {self.name} since its plan was set or its record last collected: "
+                "no forward ran, or it ran as a captured CUDA graph (or the warmup before one) that does not "
+                "hold the record path. Run a forward first; record outside captured graphs, or capture with "
+                "the record path (SteeredModel.capture_steps with sc.Paths(record=True))."
             )
         plan = self.plan
         assert plan is not None
