@@ -287,8 +287,9 @@ def cpu_pre_activations(rows: int, features: int, data: str, activation: str) ->
     threshold = 0.1 * torch.rand(features, generator=g) if activation == "jumprelu" else torch.zeros(features)
     if data == "ties":
         pre = (pre * 4).round() / 4
-    elif data == "few firing":
-        pre[:, torch.randperm(features, generator=g)[: features - 5]] = -1.0
+    elif data == "few firing":  # the rest distinct and negative: the k + 1 largest are no answer
+        silent = torch.randperm(features, generator=g)[: features - 5]
+        pre[:, silent] = -pre[:, silent].abs() - 0.01
     elif data == "hidden maxima":
         hidden = torch.randperm(features, generator=g)[: features // 4]
         pre[:, hidden] += 3.0
@@ -300,11 +301,11 @@ def cpu_pre_activations(rows: int, features: int, data: str, activation: str) ->
 @pytest.mark.parametrize(("rows", "features"), [(37, 8192), (37, 4096), (37, 1000), (3, 8192)])
 @pytest.mark.parametrize("data", ["distinct", "ties", "few firing", "hidden maxima"])
 def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str, rows: int, features: int, data: str) -> None:
-    """The record's top-k on the CPU (the blocks of largest bound first, the exact path for
-    the tokens it cannot prove; for a few tokens, the k + 1 largest of all) and its dense
-    columns against the rule on ``act(pre)`` itself: largest first, the lower index first
-    among equal values. On distinct values the blocks prove every token, so the exact path
-    never runs."""
+    """The record's top-k on the CPU (the blocks of largest bound, or for few tokens the k + 1
+    largest pre-activations, then the exact path for the tokens they cannot prove) and its
+    dense columns against the rule on ``act(pre)`` itself: largest first, the lower index
+    first among equal values. On distinct values the shortcuts prove every token, so the
+    exact path never runs."""
     from types import SimpleNamespace
 
     from sae_compile.activations import activate_
@@ -325,6 +326,5 @@ def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str
         assert torch.equal(indices, expected[1]) and torch.equal(values.double(), expected[0])
         dense, at = record._record_tokens(pre.clone(), site, columns, record._Layout(k, True, features))
         assert torch.equal(at, columns.expand(rows, -1)) and torch.equal(dense, f[:, columns])
-        shortcut = pre.numel() >= record.BOUNDS_MIN_SIZE and features % record.TOP_K_BLOCK == 0
-        shortcut = shortcut and (site.k is None or k <= site.k)
+        shortcut = site.k is None or k <= site.k
         assert not (data == "distinct" and shortcut) or not exact_rows

@@ -49,7 +49,9 @@ def _record_planned(x: torch.Tensor, site: SiteState, recorder: SiteRecorder, va
     rows = recorder.batch_index[:count]  # [R]
     tokens = x if every_row else x.index_select(0, rows)  # [R, S, D]
     keep = valid if every_row else valid.index_select(0, rows)  # [R, S]
-    widths = recorder.row_width[:batch] if every_row else recorder.row_width.index_select(0, rows)  # [R]
+    # Rows of one width pad nothing past it: the plan says so on the host.
+    uniform = all(width == plan.width for width in plan.widths)
+    widths = None if uniform else recorder.row_width[:batch] if every_row else recorder.row_width.index_select(0, rows)  # [R]
     values, indices = recorder.output(batch, seq, plan.width)
     if not every_row:
         values.zero_()
@@ -89,27 +91,27 @@ class _Layout(NamedTuple):
 
 
 def _recorded_chunks(
-    x: torch.Tensor, site: SiteState, keep: torch.Tensor, widths: torch.Tensor, layout: _Layout
+    x: torch.Tensor, site: SiteState, keep: torch.Tensor, widths: torch.Tensor | None, layout: _Layout
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(start, values [n, width], indices [n, width])`` for each chunk of the tokens of ``x
-    [R, S, D]``, padded where ``keep [R, S]`` is False and past each row's ``widths [R]``."""
+    [R, S, D]``, padded where ``keep [R, S]`` is False and past each row's ``widths [R]``
+    (``None``: every row records the full width)."""
     recorder = site.recorder
     assert recorder is not None
     rows, seq, d = x.shape
     tokens = x.reshape(rows * seq, d)  # [R*S, D]
     if site.layer_norm_input:
         tokens = torch_path.layer_norm_in(tokens)[0]
-    keep = keep.reshape(-1, 1)  # [R*S, 1]
-    widths = widths.repeat_interleave(seq)[:, None]  # [R*S, 1]
-    columns = torch.arange(layout.width, device=x.device)  # [width]
+    pad = ~keep.reshape(-1, 1)  # [R*S, 1]
+    if widths is not None:
+        pad = pad | (torch.arange(layout.width, device=x.device) >= widths.repeat_interleave(seq)[:, None])  # [R*S, width]
     # One encode buffer for every chunk: a fresh one each time costs the CPU its page faults.
     scratch = tokens.new_empty(min(RECORD_CHUNK, rows * seq), layout.features)  # [chunk, F]
     for start in range(0, rows * seq, RECORD_CHUNK):
         span = slice(start, start + RECORD_CHUNK)
         pre = _encode(tokens[span], site, scratch[: tokens[span].shape[0]])  # [n, F]
         values, indices = _record_tokens(pre, site, recorder.dense_features[: layout.width], layout)
-        pad = ~keep[span] | (columns >= widths[span])  # [n, width]
-        yield start, values.masked_fill_(pad, 0).to(recorder.values.dtype), indices.masked_fill_(pad, PAD_INDEX)
+        yield start, values.masked_fill_(pad[span], 0).to(recorder.values.dtype), indices.masked_fill_(pad[span], PAD_INDEX)
 
 
 def _record_tokens(
@@ -125,8 +127,8 @@ def _record_tokens(
     if dense is True and site.activation != "topk":
         # ReLU and JumpReLU act feature by feature: the requested columns alone need it.
         return activate_(pre.gather(1, columns), site.activation, threshold[columns]), columns.clone()
-    if dense is False and _bounds_apply(pre, site, layout.width):
-        return _largest_by_bounds(pre, site, threshold, layout.width)
+    if dense is False and _shortcut_applies(pre, site, layout.width):
+        return _largest_proven(pre, site, threshold, layout.width)
     f = activate_(pre, site.activation, threshold, site.k, static=static)
     if dense is True:
         return f.gather(1, columns), columns.clone()
@@ -168,34 +170,72 @@ def top_k_sorted(f: torch.Tensor, k: int, *, static: bool = False) -> tuple[torc
 TOP_K_BLOCK = 32
 
 
-# Pre-activations below which a record's top-k activates them all: a decode step's few tokens
-# spend less on the full activation than on the block bounds' extra ops.
+# Pre-activations from which a record's top-k bounds them by blocks: below it (a decode step's
+# few tokens) the k + 1 largest of all cost less than the block bounds' extra ops.
 BOUNDS_MIN_SIZE = 1 << 17
 
 
-def _bounds_apply(pre: torch.Tensor, site: SiteState, k: int) -> bool:
-    """Whether the CPU's block-bound shortcut may select the ``k`` largest of ``act(pre)``: it
-    reads flags back on the host, and bounds ``act`` by ``relu(pre)``, which a TopK SAE's
-    activation equals on its ``k`` largest only while the record's ``k`` is at most the SAE's."""
-    features = pre.shape[1]
-    if pre.is_cuda or pre.numel() < BOUNDS_MIN_SIZE:
-        return False
-    if features % TOP_K_BLOCK or features < 4 * (k + 1) * TOP_K_BLOCK:
+# A shortcut's answer: values [n, k], indices [n, k], and which tokens it proved ([n]; None: all).
+Largest = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _shortcut_applies(pre: torch.Tensor, site: SiteState, k: int) -> bool:
+    """Whether the CPU may select the ``k`` largest of ``act(pre)`` from ``pre`` itself
+    (``_largest_proven``): it reads flags back on the host, and bounds ``act`` by
+    ``relu(pre)``, which a TopK SAE's activation equals on its ``k`` largest only while the
+    record's ``k`` is at most the SAE's."""
+    if pre.is_cuda or k >= pre.shape[1]:
         return False
     return site.activation != "topk" or k <= site.k
 
 
-def _largest_by_bounds(
+def _largest_proven(
     pre: torch.Tensor, site: SiteState, threshold: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``top_k_sorted(act(pre), k)`` without activating all of ``pre [n, F]``.
+    """``top_k_sorted(act(pre), k)`` for ``pre [n, F]`` without activating all of it: the
+    tokens a shortcut cannot prove (a tie, fewer than ``k`` firing, a threshold hiding a
+    large pre-activation) take the exact path, alone."""
+    shortcut = _largest_by_bounds if _bounds_apply(pre, k) else _largest_directly
+    values, indices, proven = shortcut(pre, site, threshold, k)
+    if proven is not None:
+        rows = (~proven).nonzero().squeeze(1)  # [r]
+        f = activate_(pre.index_select(0, rows), site.activation, threshold, site.k)
+        values[rows], indices[rows] = top_k_sorted(f, k)
+    return values, indices
+
+
+def _bounds_apply(pre: torch.Tensor, k: int) -> bool:
+    """Whether ``pre [n, F]`` is large enough, and its blocks many enough, for the block bounds."""
+    features = pre.shape[1]
+    if pre.numel() < BOUNDS_MIN_SIZE or features % TOP_K_BLOCK:
+        return False
+    return features >= 4 * (k + 1) * TOP_K_BLOCK
+
+
+def _largest_directly(pre: torch.Tensor, site: SiteState, threshold: torch.Tensor, k: int) -> Largest:
+    """The ``k + 1`` largest pre-activations: their first ``k`` are a token's answer where
+    all ``k + 1`` are distinct and the first ``k`` activate to themselves (pass their
+    thresholds and 0), as every other activation is at most ``relu`` of the ``k + 1``-th."""
+    top = pre.topk(k + 1, dim=1)  # [n, k + 1], sorted
+    values, indices = top.values[:, :k], top.indices[:, :k]
+    proven = top.values[:, 1:] < values  # [n, k]: distinct, as they are sorted
+    if site.activation == "jumprelu":
+        proven &= values > threshold[indices].clamp_(min=0)
+    else:
+        proven[:, -1] &= values[:, -1] > 0  # sorted: the k-th is positive, so are the others
+    if bool(proven.all()):
+        return values, indices, None
+    return values, indices, proven.all(1)
+
+
+def _largest_by_bounds(pre: torch.Tensor, site: SiteState, threshold: torch.Tensor, k: int) -> Largest:
+    """The ``k`` largest activations among the ``k`` blocks of largest bound.
 
     Each block of ``TOP_K_BLOCK`` pre-activations bounds its activations by its maximum (or 0).
     Among the features of the ``k`` blocks of largest bound, the ``k`` largest activations are a
     token's answer where they and the next one are distinct and the ``k``-th exceeds the next
     block's bound: then nothing outside comes near it. That holds for nearly every token, as a
-    block's bound is one of its activations unless a threshold hides it; the tokens where it
-    fails (a tie, fewer than ``k`` firing, a hidden maximum) take the exact path.
+    block's bound is one of its activations unless a threshold hides it.
     """
     n, features = pre.shape
     count = features // TOP_K_BLOCK
@@ -211,12 +251,8 @@ def _largest_by_bounds(
     distinct = (values[:, 1:] != values[:, :-1]).all(1)  # [n]
     proven = distinct & (values[:, k - 1] > bounds.values[:, k])  # [n]
     position = top.indices[:, :k]  # [n, k]
-    values, indices = values[:, :k], chosen.gather(1, position // TOP_K_BLOCK) * TOP_K_BLOCK + position % TOP_K_BLOCK
-    if not bool(proven.all()):
-        rows = (~proven).nonzero().squeeze(1)  # [r]
-        f = activate_(pre.index_select(0, rows), site.activation, threshold, site.k)
-        values[rows], indices[rows] = top_k_sorted(f, k)
-    return values, indices
+    indices = chosen.gather(1, position // TOP_K_BLOCK) * TOP_K_BLOCK + position % TOP_K_BLOCK
+    return values[:, :k], indices, None if bool(proven.all()) else proven
 
 
 def _use_triton(f: torch.Tensor) -> bool:
