@@ -171,19 +171,17 @@ def recording_steps(bench: Bench) -> dict[str, dict[str, Step]]:
     graph of ``capture_steps``; graph trees (the other configurations) cannot record."""
     steered = sc.steer(bench.model, {bench.preset.site: bench.sae}, dynamic=False, max_batch=BATCH,
                        max_tokens=BATCH * PREFILL, max_top_k=RECORD_TOP_K)
-    # One cache for both (on CUDA, one captured step), and on the CPU both advance it.
-    cache = transformers.StaticCache(config=bench.model.config, max_cache_len=2 * bench.cache_len)
-    bench.model(bench.prompts[:, :1], **{CACHE: cache})  # allocated eagerly, outside any graph's pool
-    cache.reset()
-    forwards = {"decode": (lambda: steered.step(bench.step_ids, **{CACHE: cache}), cache.reset),
-                "prefill": (functools.partial(steered.step, bench.prompts, use_cache=False), None)}
+    prefill = functools.partial(steered.step, bench.prompts, use_cache=False)
     if bench.device.type == "cuda":
         paths = [sc.Paths(), sc.Paths(record=True)]
-        forwards = {phase: (steered.capture_steps(fn, paths, reset=reset).replay, reset) for phase, (fn, reset) in forwards.items()}
-    bench.model(bench.prompts[:, :8], **{CACHE: cache})  # the decode steps' prompt
-    record = [sc.Features(bench.preset.site, top_k=RECORD_TOP_K)]
-    return {phase: {"r0": functools.partial(recorded_step, steered, fn, None),
-                    "r8": functools.partial(recorded_step, steered, fn, record)} for phase, (fn, _) in forwards.items()}
+        # The decode graph writes the cache at the position it was captured at, every replay.
+        decode, prefill = (steered.capture_steps(fn, paths).replay for fn in (decoder(bench, "r0, r8", steered.step), prefill))
+        steps = {"r0": (decode, prefill), "r8": (decode, prefill)}
+    else:
+        steps = {name: (decoder(bench, name, steered.step), prefill) for name in ("r0", "r8")}
+    plans = {"r0": None, "r8": [sc.Features(bench.preset.site, top_k=RECORD_TOP_K)]}
+    return {phase: {name: functools.partial(recorded_step, steered, steps[name][i], plan) for name, plan in plans.items()}
+            for i, phase in enumerate(("decode", "prefill"))}
 
 
 def recorded_step(steered: sc.SteeredModel, step: Step, record: list[sc.Features] | None) -> object:
@@ -211,11 +209,9 @@ def decoder(bench: Bench, name: str, fn: Callable[..., object]) -> Step:
     """A decode step of ``fn`` on a static cache of its own, primed with an 8-token prompt."""
     print(f"priming the decode cache for {name} ...", flush=True)
     cache = transformers.StaticCache(config=bench.model.config, max_cache_len=bench.cache_len)
-    # Allocate the cache eagerly: tensors first created inside a CUDA-graphed call would live
-    # in (and be overwritten through) that graph's memory pool.
-    bench.model(bench.prompts[:, :1], **{CACHE: cache})
-    cache.reset()
-    fn(bench.prompts[:, :8], **{CACHE: cache})
+    # Eagerly: tensors first created inside a CUDA-graphed call would live in (and be
+    # overwritten through) that graph's memory pool, and no prompt shape is compiled.
+    bench.model(bench.prompts[:, :8], **{CACHE: cache})
     return lambda: fn(bench.step_ids, **{CACHE: cache})
 
 
