@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from .wire import json_error, json_type, load_json
+
 ClampMode = Literal["set", "add", "scale"]
 CLAMP_MODES: tuple[str, ...] = ("set", "add", "scale")
 TokenScope = Literal["all", "prompt", "generated"]
@@ -182,7 +184,7 @@ class Steering:
             raise _json_error("missing top-level key 'edits' (a list of edit objects; [] for none).")
         raw_edits = data["edits"]
         if not isinstance(raw_edits, list):
-            raise _json_error(f"'edits' must be a list of edit objects, got {_json_type(raw_edits)}.")
+            raise _json_error(f"'edits' must be a list of edit objects, got {json_type(raw_edits)}.")
         edits = [_edit_from_json(index, raw) for index, raw in enumerate(raw_edits)]
         try:
             return cls(*edits, tokens=data.get("tokens", "all"))
@@ -201,56 +203,17 @@ _JSON_EDITS: dict[str, tuple[type, tuple[str, ...], dict[str, object]]] = {
 
 
 def _json_error(message: str) -> ValueError:
-    return ValueError(f"steering JSON: {message}")
+    return json_error("steering", message)
 
 
 def _quoted(names: list[str]) -> str:
     return ", ".join(repr(name) for name in names)
 
 
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages a non-Python client can read."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _reject_constant(name: str) -> float:
-    # Python's json accepts NaN/Infinity literals that standard JSON does not have.
-    raise _json_error(f"{name} is not allowed: numbers must be finite.")
-
-
-def _finite_json_float(literal: str) -> float:
-    number = float(literal)
-    if not math.isfinite(number):  # e.g. 1e400, which float() turns into inf
-        raise _json_error(f"number {literal} is too large for a float: numbers must be finite.")
-    return number
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # Parsers disagree on which of two equal keys wins, so a duplicate is ambiguous.
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _json_error(f"duplicate key {key!r} in an object.")
-        result[key] = value
-    return result
-
-
 def _load_json_object(text: object) -> dict[str, object]:
-    if not isinstance(text, str):
-        raise _json_error(f"expected the JSON text as a str, got {type(text).__name__}.")
-    try:
-        data = json.loads(
-            text, parse_constant=_reject_constant, parse_float=_finite_json_float, object_pairs_hook=_unique_keys
-        )
-    except json.JSONDecodeError as exc:
-        raise _json_error(f"not valid JSON: {exc}.") from exc
+    data = load_json("steering", text)
     if not isinstance(data, dict):
-        raise _json_error(f"the top level must be an object, got {_json_type(data)}.")
+        raise _json_error(f"the top level must be an object, got {json_type(data)}.")
     return data
 
 
@@ -271,7 +234,7 @@ def _edit_type(where: str, raw: dict[str, object]) -> str:
         raise _json_error(f"{where}: missing 'type'; expected one of {kinds}.")
     kind = raw["type"]
     if not isinstance(kind, str) or kind not in _JSON_EDITS:
-        shown = repr(kind) if isinstance(kind, str) else _json_type(kind)
+        shown = repr(kind) if isinstance(kind, str) else json_type(kind)
         raise _json_error(f"{where}: unknown type {shown}; expected one of {kinds}.")
     return kind
 
@@ -279,7 +242,7 @@ def _edit_type(where: str, raw: dict[str, object]) -> str:
 def _edit_from_json(index: int, raw: object) -> Edit:
     where = f"edits[{index}]"
     if not isinstance(raw, dict):
-        raise _json_error(f"{where}: an edit must be an object, got {_json_type(raw)}.")
+        raise _json_error(f"{where}: an edit must be an object, got {json_type(raw)}.")
     kind = _edit_type(where, raw)
     edit_class, required, optional = _JSON_EDITS[kind]
     fields = {key: value for key, value in raw.items() if key != "type"}
@@ -301,13 +264,13 @@ def _edit_from_json(index: int, raw: object) -> Edit:
 
 def _vector_from_json(where: str, raw: object) -> torch.Tensor:
     if not isinstance(raw, list):
-        raise _json_error(f"{where}: vector must be a list of numbers, got {_json_type(raw)}.")
+        raise _json_error(f"{where}: vector must be a list of numbers, got {json_type(raw)}.")
     if not raw:
         raise _json_error(f"{where}: vector must not be empty.")
     values: list[float] = []
     for position, element in enumerate(raw):
         if isinstance(element, bool) or not isinstance(element, (int, float)):
-            raise _json_error(f"{where}: vector[{position}] must be a number, got {_json_type(element)}.")
+            raise _json_error(f"{where}: vector[{position}] must be a number, got {json_type(element)}.")
         try:
             values.append(float(element))
         except OverflowError:  # an integer literal past float's range

@@ -8,10 +8,13 @@ list of ``features``; a ``FeatureRecord`` holds the answer for a whole batch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .wire import json_error, json_type, load_json
 
 #: The index of a padding entry in ``FeatureRecord.indices``: a padding position, a row that
 #: recorded nothing here, or a place past the row's own ``top_k``.
@@ -65,6 +68,45 @@ def _feature_list(features: object) -> tuple[int, ...]:
     return tuple(features)
 
 
+def features_to_json(requests: Sequence[Features]) -> str:
+    """``requests`` as JSON text, the wire form of a request's ``record=`` (``features_from_json``
+    reads it back): a list of objects ``{"site": ..., "top_k": k}`` or ``{"site": ..., "features": [...]}``."""
+    items = []
+    for request in requests:
+        if not isinstance(request, Features):
+            raise TypeError(f"record= takes a list of sc.Features, got an item of type {type(request).__name__}.")
+        kind = {"top_k": request.top_k} if request.top_k is not None else {"features": list(request.features or ())}
+        items.append({"site": request.site, **kind})
+    return json.dumps(items)
+
+
+def features_from_json(text: object) -> tuple[Features, ...]:
+    """Parse the JSON text of ``features_to_json`` (or of any client that follows its schema).
+    Anything malformed raises a ``ValueError`` whose message starts with ``"record JSON: "``."""
+    data = load_json("record", text)
+    if not isinstance(data, list):
+        raise json_error("record", f"the top level must be a list of objects, got {json_type(data)}.")
+    return tuple(_request_from_json(index, raw) for index, raw in enumerate(data))
+
+
+def _request_from_json(index: int, raw: object) -> Features:
+    where = f"[{index}]"
+    if not isinstance(raw, dict):
+        raise json_error("record", f"{where}: a request must be an object, got {json_type(raw)}.")
+    unknown = sorted(set(raw) - {"site", "top_k", "features"})
+    if unknown:
+        raise json_error("record", f"{where}: unknown key(s) {unknown}; allowed: 'site', 'top_k', 'features'.")
+    if "site" not in raw:
+        raise json_error("record", f"{where}: missing 'site'.")
+    features = raw.get("features")
+    if features is not None and not isinstance(features, list):
+        raise json_error("record", f"{where}: 'features' must be a list of integers, got {json_type(features)}.")
+    try:
+        return Features(raw["site"], top_k=raw.get("top_k"), features=None if features is None else tuple(features))
+    except (TypeError, ValueError) as exc:  # the constructor's own checks
+        raise json_error("record", f"{where}: {exc}") from exc
+
+
 @dataclass(frozen=True, eq=False)
 class FeatureRecord:
     """What a forward recorded at one site, for the whole batch; the tensors are the caller's.
@@ -101,7 +143,7 @@ class RecordedSteps:
     def joined(self, length: int) -> dict[str, FeatureRecord]:
         """Every site's record over ``length`` positions: the recorded ones, then padding (the
         last generated token is never fed back, so it has no record)."""
-        return {name: _padded(_concat(steps), length - self.length) for name, steps in self._steps.items()}
+        return {name: padded(_concat(steps), length - self.length) for name, steps in self._steps.items()}
 
 
 def _concat(records: list[FeatureRecord]) -> FeatureRecord:
@@ -110,7 +152,8 @@ def _concat(records: list[FeatureRecord]) -> FeatureRecord:
     return FeatureRecord(torch.cat([r.values for r in records], dim=1), indices, first.features)
 
 
-def _padded(record: FeatureRecord, positions: int) -> FeatureRecord:
+def padded(record: FeatureRecord, positions: int) -> FeatureRecord:
+    """``record`` with ``positions`` padding positions (value 0, index -1) after its own."""
     batch, _, width = record.values.shape
     values = torch.cat([record.values, record.values.new_zeros(batch, positions, width)], dim=1)
     if record.indices is None:

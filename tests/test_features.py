@@ -321,10 +321,10 @@ def test_the_cpu_record_shortcuts_keep_the_tie_rule(monkeypatch, activation: str
     for k in (1, 5, 16):
         exact_rows.clear()
         columns = torch.randperm(features, generator=torch.Generator().manual_seed(k))[:k]
-        values, indices = record._record_tokens(pre.clone(), site, columns, record._Layout(k, False, features))
+        values, indices = record._record_tokens(pre.clone(), site, record._Layout(k, False, features, columns))
         expected = reference_top_k(f.double(), k)
         assert torch.equal(indices, expected[1]) and torch.equal(values.double(), expected[0])
-        dense, at = record._record_tokens(pre.clone(), site, columns, record._Layout(k, True, features))
+        dense, at = record._record_tokens(pre.clone(), site, record._Layout(k, True, features, columns))
         assert torch.equal(at, columns.expand(rows, -1)) and torch.equal(dense, f[:, columns])
         shortcut = site.k is None or k <= site.k
         assert not (data == "distinct" and shortcut) or not exact_rows

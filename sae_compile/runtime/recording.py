@@ -22,11 +22,15 @@ from ..features import PAD_INDEX, FeatureRecord, Features
 class RecordPlan:
     """What one site records in the next forward: batch rows ``rows`` (ascending), each with
     its own number of entries ``widths`` (its top_k, or the dense list's length), and for a
-    dense request the ``features`` every one of those rows reads (None: top-k)."""
+    dense request the ``features`` every one of those rows reads (None: top-k).
+
+    ``row_features`` (an engine's batch, whose requests record independently) gives each row
+    its own kind instead: its dense list, or None for top-k; ``features`` is then None."""
 
     rows: tuple[int, ...]
     widths: tuple[int, ...]
     features: tuple[int, ...] | None
+    row_features: tuple[tuple[int, ...] | None, ...] | None = None
 
     @property
     def width(self) -> int:
@@ -44,6 +48,8 @@ class SiteRecorder:
     ``dense_features [K]`` (the dense request's features) and ``dense []`` (whether the
     request is dense). A forward on the host's plan reads the first two and writes ``[B, S,
     plan.width]``; a captured graph reads the last three and writes ``[B, S, static_width]``.
+    A plan with ``row_features`` also reads ``row_features [max_batch, K]`` and ``row_dense
+    [max_batch]``: each recording row's dense list and kind, in the order of ``plan.rows``.
     """
 
     def __init__(
@@ -58,6 +64,8 @@ class SiteRecorder:
         self.row_width = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.dense_features = torch.zeros(max_top_k, dtype=torch.long, device=device)
         self.dense = torch.zeros((), dtype=torch.bool, device=device)
+        self.row_features = torch.zeros(max_batch, max_top_k, dtype=torch.long, device=device)
+        self.row_dense = torch.zeros(max_batch, dtype=torch.bool, device=device)
         self.plan: RecordPlan | None = None
         self._written: RecordPlan | None = None  # what the device tables hold
         # Set when a forward writes the buffers: the width per token it wrote. A replayed CUDA
@@ -67,36 +75,32 @@ class SiteRecorder:
 
     def check(self, request: Features, d_sae: int) -> None:
         """ValueError unless ``request`` fits this site's SAE (``d_sae`` features) and buffers."""
-        limit = min(d_sae, self.max_top_k)
-        if request.top_k is not None and request.top_k > limit:
-            raise ValueError(
-                f"Features at {self.name}: top_k={request.top_k} is outside [1, {limit}] (the SAE has {d_sae} "
-                f"features and sc.steer(max_top_k={self.max_top_k}) sized the buffers)."
-            )
-        if request.features is not None:
-            if len(request.features) > self.max_top_k:
-                raise ValueError(
-                    f"Features at {self.name}: {len(request.features)} features exceed max_top_k={self.max_top_k}, "
-                    "which also bounds a dense list; pass a larger max_top_k to sc.steer()."
-                )
-            if max(request.features) >= d_sae:
-                raise ValueError(f"Features at {self.name}: feature {max(request.features)} is out of range for an SAE with {d_sae} features.")
+        check_request(self.name, request, d_sae, self.max_top_k)
 
     def set_plan(self, plan: RecordPlan | None) -> None:
         """Host write: the next forwards record ``plan`` (``None``: nothing, at no cost). The
         device tables keep the last plan written, so a loop that records alike copies nothing."""
         if plan is not None and plan != self._written:
-            widths = [0] * self.row_width.shape[0]
-            for row, width in zip(plan.rows, plan.widths, strict=True):
-                widths[row] = width
-            self.row_width.copy_(torch.tensor(widths, dtype=torch.long), non_blocking=True)
-            self.batch_index[: len(plan.rows)].copy_(torch.tensor(plan.rows, dtype=torch.long), non_blocking=True)
+            rows = torch.tensor(plan.rows, dtype=torch.long)
+            self.row_width.zero_()
+            self.row_width.index_copy_(0, rows.to(self.row_width.device), torch.tensor(plan.widths, device=self.row_width.device))
+            self.batch_index[: len(plan.rows)].copy_(rows, non_blocking=True)
             self.dense.fill_(plan.features is not None)
             if plan.features is not None:
                 self.dense_features[: len(plan.features)].copy_(torch.tensor(plan.features, dtype=torch.long))
+            if plan.row_features is not None:
+                self._write_row_features(plan.row_features)
             self._written = plan
         self.plan = plan
         self.written_width = None  # what an earlier forward wrote is not this plan's record
+
+    def _write_row_features(self, row_features: Sequence[tuple[int, ...] | None]) -> None:
+        """Each recording row's dense list (zero-padded) and kind, in plan order."""
+        count = len(row_features)
+        lists = [list(features or ()) + [0] * (self.max_top_k - len(features or ())) for features in row_features]
+        self.row_features[:count].copy_(torch.tensor(lists, dtype=torch.long), non_blocking=True)
+        kinds = torch.tensor([features is not None for features in row_features])
+        self.row_dense[:count].copy_(kinds, non_blocking=True)
 
     def output(self, batch: int, seq: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``[B, S, width]`` values and indices views a forward writes."""
@@ -127,8 +131,29 @@ class SiteRecorder:
         return FeatureRecord(values, None if plan.features is not None else indices, plan.features)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("values", "indices", "batch_index", "row_width", "dense_features", "dense")
+        names = ("values", "indices", "batch_index", "row_width", "dense_features", "dense", "row_features", "row_dense")
         return {f"{self.name}.record_{name}": getattr(self, name) for name in names}
+
+
+def check_request(name: str, request: Features, d_sae: int, max_top_k: int) -> None:
+    """ValueError unless ``request`` fits site ``name``: an SAE of ``d_sae`` features and record
+    buffers ``max_top_k`` wide (0: the site records nothing)."""
+    if max_top_k == 0:
+        raise ValueError(f"Features at {name}: no record buffers were sized (max_top_k=0), so nothing can be recorded there.")
+    limit = min(d_sae, max_top_k)
+    if request.top_k is not None and request.top_k > limit:
+        raise ValueError(
+            f"Features at {name}: top_k={request.top_k} is outside [1, {limit}] (the SAE has {d_sae} "
+            f"features and max_top_k={max_top_k} sized the buffers)."
+        )
+    if request.features is not None:
+        if len(request.features) > max_top_k:
+            raise ValueError(
+                f"Features at {name}: {len(request.features)} features exceed max_top_k={max_top_k}, "
+                "which also bounds a dense list; size the buffers with a larger max_top_k."
+            )
+        if max(request.features) >= d_sae:
+            raise ValueError(f"Features at {name}: feature {max(request.features)} is out of range for an SAE with {d_sae} features.")
 
 
 def plan_site(name: str, requests: Sequence[Features | None]) -> RecordPlan | None:

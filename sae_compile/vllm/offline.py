@@ -12,9 +12,12 @@ import transformers
 import vllm
 
 from ..edits import EDIT_TYPES, Edit, Steering
+from ..features import Features, features_to_json, padded
+from ..runtime.engine_recording import RETAINED_REQUESTS
 from ..sae import SAE
 from . import validation
-from .spec import CONFIG_KEY, STEERING_KEY, EngineSpec
+from .records import record_from_wire
+from .spec import CONFIG_KEY, RECORD_KEY, STEERING_KEY, EngineSpec
 from .validation import SteeringValidator
 
 WORKER_CLS = "sae_compile.vllm.worker.SteeringWorker"
@@ -29,10 +32,15 @@ class LLM(vllm.LLM):
     temporary folder that lives as long as the engine. ``sites`` attaches further
     sites for ``AddVector`` only. Every request of a batch can hold a steering row of its
     own, so rows are vLLM's ``max_num_seqs``; ``max_rows``, if given, sets it. ``max_clamps``
-    is the clamped features per request and site. Everything else goes to ``vllm.LLM``.
+    is the clamped features per request and site. ``max_top_k`` sizes the feature records
+    (0: requests cannot record). Everything else goes to ``vllm.LLM``.
 
-    Requests steer themselves with ``sampling_params(steering)``. A bad steering raises
-    ValueError, naming the problem, before the request reaches the engine, which serves on.
+    Requests steer themselves with ``sampling_params(steering)``, and read features with
+    ``sampling_params(record=[sc.Features(...)])``: each finished output of ``generate`` (or
+    ``wait_for_completion``) that recorded then has ``features``, a dict from site to a
+    ``FeatureRecord`` of ``[1, prompt + generated tokens, width]`` (the last generated token is
+    never fed back, so it is padding). A bad steering or record request raises ValueError,
+    naming the problem, before the request reaches the engine, which serves on.
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class LLM(vllm.LLM):
         sites: Sequence[str] = (),
         max_rows: int | None = None,
         max_clamps: int = 16,
+        max_top_k: int = 0,
         **vllm_kwargs: Any,
     ) -> None:
         for name in _RESERVED:
@@ -54,8 +63,9 @@ class LLM(vllm.LLM):
         _apply_max_rows(max_rows, vllm_kwargs)
         folder = tempfile.TemporaryDirectory(prefix="sae_compile_vllm_")
         loaded, paths = _materialise(saes or {}, Path(folder.name))
-        spec = EngineSpec({**dict.fromkeys(sites), **paths}, max_clamps)
-        validation.register(validation.front_end_shapes(loaded, sites, config.get_text_config(), max_clamps))
+        spec = EngineSpec({**dict.fromkeys(sites), **paths}, max_clamps, max_top_k)
+        validation.register(validation.front_end_shapes(loaded, sites, config.get_text_config(), max_clamps, max_top_k))
+        self._recording: dict[str, str] = {}  # a recording request's internal id, by the id its output carries
         self._sae_release = weakref.finalize(self, _release, folder)
         vllm_kwargs["logits_processors"] = [*(vllm_kwargs.get("logits_processors") or []), SteeringValidator]
         super().__init__(model, worker_cls=WORKER_CLS, additional_config={CONFIG_KEY: spec.to_config()}, **vllm_kwargs)
@@ -67,20 +77,53 @@ class LLM(vllm.LLM):
     def _add_request(self, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> str:
         # Every offline request passes here (vLLM's funnel for generate, chat and enqueue):
         # validating first makes a bad steering a ValueError of its own, not vLLM's wrapper.
+        records = False
         if isinstance(params, vllm.SamplingParams):
             validation.request_steering(params)
-        return super()._add_request(prompt, params, *args, **kwargs)
+            records = bool(validation.request_record(params))
+        request_id = super()._add_request(prompt, params, *args, **kwargs)
+        if records:
+            # Workers know a request by its internal id; its output carries the external one.
+            external = self.llm_engine.output_processor.request_states[request_id].external_req_id
+            self._recording[external] = request_id
+            _forget_oldest(self._recording, RETAINED_REQUESTS)
+        return request_id
+
+    def _run_engine(self, *args: Any, **kwargs: Any) -> list[Any]:
+        outputs = super()._run_engine(*args, **kwargs)
+        self._attach_features(outputs)
+        return outputs
+
+    def _attach_features(self, outputs: Sequence[Any]) -> None:
+        """Set ``features`` on each finished output whose request recorded (see the class docstring)."""
+        recorded = [output for output in outputs if output.request_id in self._recording]
+        if not recorded:
+            return
+        internal = [self._recording.pop(output.request_id) for output in recorded]
+        taken = self.collective_rpc("sae_compile_take_records", args=(internal,))[0]  # every rank records alike
+        for output, request_id in zip(recorded, internal, strict=True):
+            length = len(output.prompt_token_ids) + len(output.outputs[0].token_ids)
+            records = {name: record_from_wire(wire) for name, wire in taken.get(request_id, {}).items()}
+            output.features = {name: padded(record, length - record.values.shape[1]) for name, record in records.items()}
 
 
-def sampling_params(steering: Steering | Sequence[Edit] | None, **kwargs: Any) -> vllm.SamplingParams:
-    """``vllm.SamplingParams(**kwargs)`` for a request steered by ``steering`` (``None``: unsteered).
+def sampling_params(
+    steering: Steering | Sequence[Edit] | None = None, *, record: Sequence[Features] | None = None, **kwargs: Any
+) -> vllm.SamplingParams:
+    """``vllm.SamplingParams(**kwargs)`` for a request steered by ``steering`` (``None``: unsteered)
+    that records the features ``record`` (``None``: nothing) at every position it computes.
 
-    The steering travels as its JSON text in ``extra_args["sae_steering"]``, beside any other
-    ``extra_args`` given; it is checked against the engine's sites when the request is added.
+    The steering travels as its JSON text in ``extra_args["sae_steering"]``, the record requests
+    in ``extra_args["sae_record"]`` (``features_to_json``), beside any other ``extra_args``
+    given; both are checked against the engine's sites when the request is added. A recording
+    request skips the prefix cache, so that every prompt position is computed and recorded.
     """
     extra_args = dict(kwargs.pop("extra_args", None) or {})
     if steering is not None:
         extra_args[STEERING_KEY] = _as_steering(steering).to_json()
+    if record is not None:
+        extra_args[RECORD_KEY] = features_to_json(record)
+        kwargs.setdefault("skip_reading_prefix_cache", True)
     return vllm.SamplingParams(extra_args=extra_args or None, **kwargs)
 
 
@@ -117,6 +160,12 @@ def _materialise(saes: Mapping[str, SAE | str], folder: Path) -> tuple[dict[str,
         else:
             raise TypeError(f"saes[{site!r}] must be an SAE or the path of an SAE folder, got {type(sae).__name__}.")
     return loaded, paths
+
+
+def _forget_oldest(mapping: dict[str, str], limit: int) -> None:
+    """Keep the newest ``limit`` entries: a worker keeps no more records than that either."""
+    for key in list(mapping)[: max(0, len(mapping) - limit)]:
+        del mapping[key]
 
 
 def _release(folder: tempfile.TemporaryDirectory) -> None:

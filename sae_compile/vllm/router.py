@@ -4,21 +4,24 @@ vLLM flattens the running requests into one ``[num_tokens, hidden]`` batch, in t
 ``input_batch.req_ids``, request ``i`` owning ``query_start_loc[i]:query_start_loc[i + 1]``.
 ``BatchRouter`` wraps the runner's ``_model_forward`` (the one call every real forward goes
 through, after the batch is prepared and before the model runs): it admits the requests it has
-not seen, releases those that left, and writes the token-major routing the op reads. Dummy and
-profiling forwards call the model directly and run with whatever routing the last real
-forward left, which only their discarded outputs see.
+not seen, releases those that left, and writes the token-major routing the op reads; after the
+forward it keeps what the recording requests recorded. Dummy and profiling forwards call the
+model directly and run with whatever routing the last real forward left, which only their
+discarded outputs see.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..edits import Steering
-from ..runtime.engine import EngineState
-from .spec import STEERING_KEY
+from ..features import features_from_json
+from ..runtime.engine import EngineState, RequestSpec
+from .spec import RECORD_KEY, STEERING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,9 @@ class BatchRouter:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
         self._route(positions)
-        return self._forward(*args, **kwargs)
+        output = self._forward(*args, **kwargs)
+        self._state.recording.collect()
+        return output
 
     def _route(self, positions: torch.Tensor) -> None:
         batch = self._runner.input_batch
@@ -45,15 +50,21 @@ class BatchRouter:
         # M-RoPE models carry [3, N] positions; the first row is the token's position.
         self._state.route(request_ids, starts.diff(), positions if positions.dim() == 1 else positions[0])
 
-    def _describe(self, request_id: str) -> tuple[Steering | None, int]:
-        """A new request's steering and prompt length, read from the runner's request state."""
+    def _describe(self, request_id: str) -> RequestSpec:
+        """A new request's steering, prompt length and record requests, read from the runner's
+        request state. The front end validates every request; one that bypassed it and does not
+        parse runs unsteered, or unrecorded, rather than take the worker (and every other
+        request) down."""
         request = self._runner.requests[request_id]
-        text = (request.sampling_params.extra_args or {}).get(STEERING_KEY)
-        try:
-            steering = None if text is None else Steering.from_json(text)
-        except ValueError as error:
-            # The front end validates every request; one that bypassed it must not take the
-            # worker (and every other request) down.
-            logger.error("sae_compile: request %s runs unsteered: %s", request_id, error)
-            steering = None
-        return steering, request.num_prompt_tokens
+        extra_args = request.sampling_params.extra_args or {}
+        steering = _parsed(request_id, extra_args.get(STEERING_KEY), Steering.from_json)
+        record = _parsed(request_id, extra_args.get(RECORD_KEY), lambda text: self._state.checked_record(features_from_json(text)))
+        return RequestSpec(steering, request.num_prompt_tokens, record or ())
+
+
+def _parsed(request_id: str, text: str | None, parse: Callable[[str], Any]) -> Any:
+    try:
+        return None if text is None else parse(text)
+    except ValueError as error:
+        logger.error("sae_compile: request %s goes without it: %s", request_id, error)
+        return None

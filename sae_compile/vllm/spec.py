@@ -18,24 +18,31 @@ from ..runtime.state import Capacity
 
 #: The ``SamplingParams.extra_args`` key (and ``vllm_xargs`` key) of a request's steering JSON.
 STEERING_KEY = "sae_steering"
+#: The ``SamplingParams.extra_args`` key of a request's record requests (``features_to_json``).
+RECORD_KEY = "sae_record"
 CONFIG_KEY = "sae_compile"
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Attached sites (site -> SAE folder, ``None`` for additive-only) and the clamps per request
-    and site. The other capacities are the engine's own: a row per request of a batch (vLLM's
-    ``max_num_seqs``), so a batch never runs out of rows, and its largest token batch."""
+    """Attached sites (site -> SAE folder, ``None`` for additive-only), the clamps per request
+    and site, and the widest feature record (0: the engine records nothing). The other
+    capacities are the engine's own: a row per request of a batch (vLLM's ``max_num_seqs``),
+    so a batch never runs out of rows, and its largest token batch."""
 
     saes: Mapping[str, str | None]
     max_clamps: int
+    max_top_k: int = 0
 
     def capacity(self, max_rows: int, max_tokens: int) -> Capacity:
-        return Capacity(max_rows, self.max_clamps, max_batch=max_rows, max_tokens=max_tokens, with_call_rows=False)
+        # The op sees a token-major batch as max_tokens one-token batch rows, and so does a record plan.
+        return Capacity(
+            max_rows, self.max_clamps, max_batch=max_tokens, max_tokens=max_tokens, with_call_rows=False, max_top_k=self.max_top_k
+        )
 
     def to_config(self) -> dict[str, Any]:
         """The JSON-able form carried in ``additional_config[CONFIG_KEY]``."""
-        return {"saes": dict(sorted(self.saes.items())), "max_clamps": self.max_clamps}
+        return {"saes": dict(sorted(self.saes.items())), "max_clamps": self.max_clamps, "max_top_k": self.max_top_k}
 
     @classmethod
     def from_config(cls, additional_config: Mapping[str, Any] | None) -> EngineSpec | None:
@@ -43,7 +50,7 @@ class EngineSpec:
         config = (additional_config or {}).get(CONFIG_KEY)
         if config is None:
             return None
-        return cls(dict(config["saes"]), int(config["max_clamps"]))
+        return cls(dict(config["saes"]), int(config["max_clamps"]), int(config["max_top_k"]))
 
     def digest(self, *parts: str) -> str:
         """A digest of the spec and ``parts`` (model, dtype, capacity): the prefix of the site handles."""

@@ -22,11 +22,12 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from ..edits import Steering
+from ..features import Features, features_from_json
 from ..lowering.sites import Site
-from ..runtime.engine import SiteShape, validate_steering
+from ..runtime.engine import SiteShape, validate_record, validate_steering
 from ..runtime.state import Capacity
 from ..sae import SAE
-from .spec import STEERING_KEY
+from .spec import RECORD_KEY, STEERING_KEY
 
 
 class _FrontEnd:
@@ -91,11 +92,36 @@ def request_steering(params: SamplingParams) -> Steering | None:
     return steering
 
 
-def front_end_shapes(saes: Mapping[str, SAE], additive: Sequence[str], text_config: Any, max_clamps: int) -> dict[str, SiteShape]:
+def request_record(params: SamplingParams) -> tuple[Features, ...]:
+    """The features a request records (``()``: none), parsed and validated.
+
+    Raises ValueError naming the problem: malformed JSON, an unattached site or one without an
+    SAE, a ``top_k`` or feature list the record buffers cannot hold, a feature out of range, a
+    request of ``n > 1`` samples, or one that may read prompt positions from the prefix cache
+    (they would not be computed, so not recorded).
+    """
+    text = (params.extra_args or {}).get(RECORD_KEY)
+    if text is None:
+        return ()
+    requests = features_from_json(text)
+    if params.n != 1:
+        raise ValueError(f"record: a request of n={params.n} samples cannot record; record one sample per request (n=1).")
+    if not params.skip_reading_prefix_cache:
+        raise ValueError(
+            "record: a recording request must compute every prompt position, so it must skip the prefix cache "
+            "(skip_reading_prefix_cache=True, which sae_compile.vllm.sampling_params(record=...) sets)."
+        )
+    validate_record(requests, _FRONT_END.shapes())
+    return requests
+
+
+def front_end_shapes(
+    saes: Mapping[str, SAE], additive: Sequence[str], text_config: Any, max_clamps: int, max_top_k: int = 0
+) -> dict[str, SiteShape]:
     """The shape of each attached site (``additive``: no SAE); raises ValueError for a site the
     model does not have or an SAE that does not fit it."""
     hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
-    capacity = Capacity(max_clamps=max_clamps)
+    capacity = Capacity(max_clamps=max_clamps, max_top_k=max_top_k)
     shapes = {}
     for name in [*additive, *saes]:
         site = Site.parse(name) if isinstance(name, str) else None
@@ -117,11 +143,13 @@ def front_end_shapes(saes: Mapping[str, SAE], additive: Sequence[str], text_conf
 
 
 class SteeringValidator(LogitsProcessor):
-    """Validates ``extra_args["sae_steering"]`` of each request; leaves the logits alone."""
+    """Validates ``extra_args["sae_steering"]`` and ``["sae_record"]`` of each request; leaves
+    the logits alone."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         request_steering(sampling_params)
+        request_record(sampling_params)
 
     def __init__(self, vllm_config: object, device: torch.device, is_pin_memory: bool) -> None:
         pass

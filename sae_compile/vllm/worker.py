@@ -20,7 +20,7 @@ from typing import Any
 
 import torch._dynamo.utils
 from vllm.compilation.passes.inductor_pass import InductorPass
-from vllm.config import CompilationMode
+from vllm.config import CompilationMode, CUDAGraphMode
 from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
@@ -28,6 +28,7 @@ from ..lowering.engine_pass import EngineSteeringPass
 from ..lowering.sites import layer_stack
 from ..runtime.engine import EngineState
 from ..sae import SAE
+from .records import record_to_wire
 from .router import BatchRouter
 from .spec import EngineSpec
 
@@ -63,6 +64,12 @@ class SteeringWorker(_platform_worker()):
                 "sae_compile.vllm steers inside vLLM's compiled graph, and this engine compiles nothing "
                 "(enforce_eager=True, or a LoRA engine on CPU)."
             )
+        if self.sae_spec.max_top_k and current_platform.device_type == "cuda" and compilation.cudagraph_mode != CUDAGraphMode.NONE:
+            raise ValueError(
+                "sae_compile.vllm records features on the host's plan, and vLLM's CUDA graphs would replay "
+                "without it. Build the engine with max_top_k=0, or without CUDA graphs "
+                "(compilation_config={'cudagraph_mode': 'NONE'})."
+            )
         options = compilation.inductor_compile_config
         if _POST_PASS in options:
             raise ValueError(f"sae_compile.vllm: the engine already has a {_POST_PASS}; steering needs that slot.")
@@ -95,6 +102,12 @@ class SteeringWorker(_platform_worker()):
         padded = self.vllm_config.compilation_config.max_cudagraph_capture_size or 0
         return scheduler.max_num_seqs, max(scheduler.max_num_batched_tokens, padded)
 
+    def sae_compile_take_records(self, request_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """What ``request_ids`` recorded, by request and site (``records.record_to_wire`` of each
+        ``[1, length, width]`` record), forgotten here once taken (``LLM.collective_rpc``)."""
+        taken = self.sae_state.recording.take(request_ids)
+        return {request_id: {name: record_to_wire(record) for name, record in sites.items()} for request_id, sites in taken.items()}
+
     def sae_compile_stats(self) -> dict[str, Any]:
         """What this worker's steering holds: for tests and monitoring (``LLM.collective_rpc``)."""
         requests = self.sae_state.requests
@@ -103,5 +116,6 @@ class SteeringWorker(_platform_worker()):
             "unique_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
             "requests": len(requests.requests),
             "rows_in_use": requests.rows_in_use(),
+            "records_held": self.sae_state.recording.held,
             "handles": self.sae_state.handles,
         }

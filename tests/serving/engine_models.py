@@ -80,6 +80,15 @@ def site_saes() -> dict[str, sc.SAE]:
 ADDITIVE_SITES = ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post")
 
 
+def steered_llama(folder: Path, **kwargs):
+    """The steered engine most tests start: the model of ``folder`` with ``site_saes()`` and the
+    additive sites, in fp32, with room for 8 requests; ``kwargs`` override or add engine arguments."""
+    from sae_compile.vllm import LLM
+
+    settings = dict(max_rows=8, dtype="float32", max_model_len=128, max_num_batched_tokens=256, seed=0)
+    return LLM(str(folder), site_saes(), sites=ADDITIVE_SITES, **{**settings, **kwargs})
+
+
 def hf_reference(folder: Path, saes: dict[str, sc.SAE], dtype: torch.dtype = torch.float32) -> sc.SteeredModel:
     """``sc.steer`` of the same weights, as the reference for vLLM's outputs."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()

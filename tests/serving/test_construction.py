@@ -12,14 +12,9 @@ pytest.importorskip("vllm")
 
 from sae_compile.vllm import LLM  # noqa: E402
 from tests.factories import random_sae  # noqa: E402
-from tests.serving.engine_models import HIDDEN, save_llama  # noqa: E402
+from tests.serving.engine_models import HIDDEN  # noqa: E402
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory):
-    return str(save_llama(tmp_path_factory.mktemp("llama")))
 
 
 @pytest.mark.parametrize(
@@ -33,11 +28,12 @@ def folder(tmp_path_factory: pytest.TempPathFactory):
         ({}, {"max_rows": 2, "max_num_seqs": 4}, "max_rows=2 is less than max_num_seqs=4"),
         ({}, {"worker_cls": "x.Y"}, "sets worker_cls"),
         ({}, {"enforce_eager": True}, "compiles nothing"),
+        ({}, {"max_top_k": -1}, "max_top_k must be at least 0"),
     ],
 )
 def test_bad_engine_arguments_raise_before_starting(folder, saes, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
-        LLM(folder, saes, **kwargs)
+        LLM(str(folder), saes, **kwargs)
 
 
 def test_nothing_else_imports_vllm():

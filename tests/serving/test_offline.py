@@ -14,15 +14,14 @@ import torch
 pytest.importorskip("vllm")
 
 import sae_compile as sc  # noqa: E402
-from sae_compile.vllm import LLM, STEERING_KEY, sampling_params  # noqa: E402
+from sae_compile.vllm import STEERING_KEY, sampling_params  # noqa: E402
 from tests.serving.engine_models import (  # noqa: E402
-    ADDITIVE_SITES,
     HIDDEN,
     PROMPTS,
     hf_generate,
     hf_reference,
-    save_llama,
     site_saes,
+    steered_llama,
 )
 
 pytestmark = pytest.mark.vllm
@@ -55,16 +54,8 @@ STEERINGS = {
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory):
-    return save_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
 def llm(folder):
-    engine = LLM(
-        str(folder), site_saes(), sites=ADDITIVE_SITES, max_rows=8, dtype="float32",
-        max_model_len=128, max_num_batched_tokens=256, seed=0,
-    )
+    engine = steered_llama(folder)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

@@ -19,7 +19,7 @@ import torch
 
 from ...activations import activate_, top_k_indices
 from ...features import PAD_INDEX
-from ...runtime.recording import SiteRecorder
+from ...runtime.recording import RecordPlan, SiteRecorder
 from ...runtime.state import SiteState
 from . import torch_path, triton_sae
 
@@ -56,7 +56,7 @@ def _record_planned(x: torch.Tensor, site: SiteState, recorder: SiteRecorder, va
     if not every_row:
         values.zero_()
         indices.fill_(PAD_INDEX)
-    chunks = _recorded_chunks(tokens, site, keep, widths, _Layout(plan.width, plan.features is not None, site.d_sae))
+    chunks = _recorded_chunks(tokens, site, keep, widths, _planned_layout(recorder, plan, count, seq, site.d_sae))
     for start, chunk_values, chunk_indices in chunks:
         for out, chunk in ((values, chunk_values), (indices, chunk_indices)):
             if every_row:
@@ -74,7 +74,7 @@ def _record_static(x: torch.Tensor, site: SiteState, recorder: SiteRecorder, val
     width = recorder.static_width
     values, indices = recorder.output(batch, seq, width)
     # Every buffered feature: a narrower SAE swapped in later reads zeros past its own.
-    layout = _Layout(width, recorder.dense, site.W_enc.shape[1])
+    layout = _Layout(width, recorder.dense, site.W_enc.shape[1], recorder.dense_features[:width])
     chunks = _recorded_chunks(x, site, valid, recorder.row_width[:batch], layout)
     for start, chunk_values, chunk_indices in chunks:
         values.view(batch * seq, -1)[start : start + chunk_values.shape[0]] = chunk_values
@@ -86,8 +86,27 @@ class _Layout(NamedTuple):
     """What one forward's record holds per token."""
 
     width: int  # entries per token
-    dense: bool | torch.Tensor  # the dense request's columns rather than top-k (a 0-d bool on the device: chosen there)
+    # The dense request's columns rather than top-k: for every token, or a bool tensor chosen on
+    # the device, 0-d (a captured graph) or [tokens, 1] (each token's own kind: an engine's batch).
+    dense: bool | torch.Tensor
     features: int  # SAE features encoded: the first ``features`` of the buffers
+    columns: torch.Tensor  # [width] the dense request's features, or [tokens, width] each token's own
+
+
+def _planned_layout(recorder: SiteRecorder, plan: RecordPlan, count: int, seq: int, features: int) -> _Layout:
+    """The layout of ``plan``'s ``count`` recording rows of ``seq`` tokens each."""
+    if plan.row_features is None:
+        return _Layout(plan.width, plan.features is not None, features, recorder.dense_features[: plan.width])
+    columns = recorder.row_features[:count, : plan.width].repeat_interleave(seq, 0)  # [R*S, width]
+    dense = recorder.row_dense[:count].repeat_interleave(seq)[:, None]  # [R*S, 1]
+    return _Layout(plan.width, dense, features, columns)
+
+
+def _chunk_layout(layout: _Layout, span: slice) -> _Layout:
+    """The part of ``layout`` for the tokens ``span``, where it holds one entry per token."""
+    if layout.columns.dim() == 1:
+        return layout
+    return layout._replace(dense=layout.dense[span], columns=layout.columns[span])
 
 
 def _recorded_chunks(
@@ -110,20 +129,18 @@ def _recorded_chunks(
     for start in range(0, rows * seq, RECORD_CHUNK):
         span = slice(start, start + RECORD_CHUNK)
         pre = _encode(tokens[span], site, scratch[: tokens[span].shape[0]])  # [n, F]
-        values, indices = _record_tokens(pre, site, recorder.dense_features[: layout.width], layout)
+        values, indices = _record_tokens(pre, site, _chunk_layout(layout, span))
         yield start, values.masked_fill_(pad[span], 0).to(recorder.values.dtype), indices.masked_fill_(pad[span], PAD_INDEX)
 
 
-def _record_tokens(
-    pre: torch.Tensor, site: SiteState, dense_features: torch.Tensor, layout: _Layout
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _record_tokens(pre: torch.Tensor, site: SiteState, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [n, width], indices [n, width])`` of the tokens whose pre-activations are
-    ``pre [n, F]`` (which it may overwrite): the features ``dense_features [width]`` where
+    ``pre [n, F]`` (which it may overwrite): the features ``layout.columns`` where
     ``layout.dense`` holds, else each token's ``width`` largest."""
     dense = layout.dense
-    static = isinstance(dense, torch.Tensor)  # the kind is chosen on the device: a captured graph
+    static = isinstance(dense, torch.Tensor)  # the kind is chosen on the device: nothing read back
     threshold = site.threshold[: layout.features]
-    columns = dense_features.expand(pre.shape[0], -1)  # [n, width]
+    columns = layout.columns.expand(pre.shape[0], -1)  # [n, width]
     if dense is True and site.activation != "topk":
         # ReLU and JumpReLU act feature by feature: the requested columns alone need it.
         return activate_(pre.gather(1, columns), site.activation, threshold[columns]), columns.clone()

@@ -46,20 +46,24 @@ def steer_site(x: torch.Tensor, site: SiteState) -> torch.Tensor:
         # the paths: never under capture, which runs the paths declared for it.
         return x.clone(memory_format=torch.contiguous_format)
     if x.dim() == 2:
-        return _steer_tokens(x, site, paths)
+        return _steer_tokens(x, site, paths, static)
     batch, seq, _ = x.shape
     if paths.record:
         record.record_site(x, site, site.routing.valid(batch, seq), static)
     return _steer_rows(x, site, *site.routing.view(batch, seq), paths)
 
 
-def _steer_tokens(x: torch.Tensor, site: SiteState, paths: Paths) -> torch.Tensor:
-    """Token-major ``x [N, D]``: a batch of ``N`` one-token rows, each with its token's row."""
+def _steer_tokens(x: torch.Tensor, site: SiteState, paths: Paths, static: bool) -> torch.Tensor:
+    """Token-major ``x [N, D]``: a batch of ``N`` one-token rows, each with its token's row
+    (and, when recording, each token a row of the record plan)."""
     tokens, d = x.shape
     rows, mask, weight = site.routing.view_tokens(tokens)  # [N], [N, 1], [N, 1]
+    stream = x.to(site.dtype).view(tokens, 1, d)  # [N, 1, D]; x itself in the site's dtype
+    if paths.record:
+        record.record_site(stream, site, site.routing.valid(tokens, 1), static)
+    steered = _steer_rows(stream, site, rows, mask, weight, paths).view(tokens, d)
     if x.dtype == site.dtype:
-        return _steer_rows(x.view(tokens, 1, d), site, rows, mask, weight, paths).view(tokens, d)
-    steered = _steer_rows(x.to(site.dtype).view(tokens, 1, d), site, rows, mask, weight, paths).view(tokens, d)
+        return steered
     return torch.where(mask, steered.to(x.dtype), x)
 
 
