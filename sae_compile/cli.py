@@ -126,6 +126,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="attach the SAE folder PATH at SITE; repeatable")
     serve.add_argument("--site", action="append", default=[], metavar="SITE", help="attach SITE for AddVector only; repeatable")
     serve.add_argument("--max-clamps", type=int, default=16, help="clamped features per request and site (default: 16)")
+    serve.add_argument("--max-top-k", type=int, default=0,
+                       help="widest feature record a request may ask for (default: 0, requests cannot record)")
     serve.set_defaults(run=_serve)
 
 
@@ -283,7 +285,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve = engines["vllm"].load()
     except ImportError as err:
         raise ValueError(str(err)) from err
-    return serve(args.model, dict(args.sae), args.site, args.max_clamps, args.passthrough)
+    return serve(args.model, dict(args.sae), args.site, args.max_clamps, args.max_top_k, args.passthrough)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -159,6 +159,20 @@ def test_records_not_taken_are_dropped_oldest_first():
     assert set(state.recording.take([r.id for r in requests])) == {r.id for r in requests[2:]}
 
 
+def test_records_are_taken_by_the_clients_key():
+    state, sae = ENGINES["jumprelu"]
+    first, second = Request(Features(SITE, top_k=2), None, 3, seed=6), Request(Features(SITE, features=[1]), None, 4, seed=7)
+    for request, key in ((first, "mine"), (second, "theirs")):
+        state.sync([request.id], {request.id: (None, 4, (request.record,), key)}.__getitem__)
+        _step(state, [(request, len(request.stream))])
+    taken = state.recording.take_keyed(["theirs", "unknown"])
+    assert set(taken) == {"theirs"}
+    _check(taken["theirs"][SITE], second, sae, 4)
+    assert state.recording.take_keyed(["theirs"]) == {}, "taken once"
+    assert set(state.recording.take([first.id])) == {first.id}
+    assert state.recording.take_keyed(["mine"]) == {}, "a record taken by id is gone for its key too"
+
+
 SHAPES = {SITE: SiteShape(D, F, CAPACITY), ADDITIVE: SiteShape(D, 0, CAPACITY)}
 BAD_RECORDS = {
     "unattached site": ([Features("blocks.3.hook_resid_post", top_k=2)], "not attached"),

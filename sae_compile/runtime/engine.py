@@ -34,11 +34,13 @@ from .state import Capacity, RoutingState, SiteState, allocate_sites
 
 
 class RequestSpec(NamedTuple):
-    """What an engine request asks of the state: its steering, prompt length and record requests."""
+    """What an engine request asks of the state: its steering, prompt length, record requests
+    and the client's key for its records (``EngineRecording.take_keyed``)."""
 
     steering: Steering | None
     prompt_len: int
     record: tuple[Features, ...] = ()
+    record_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class EngineState:
         fresh = {request_id: RequestSpec(*describe(request_id)) for request_id in batch if request_id not in admitted}
         self.requests.replace(released, {request_id: (spec.steering, spec.prompt_len) for request_id, spec in fresh.items()})
         for request_id, spec in fresh.items():
-            self.recording.admit(request_id, spec.record)
+            self.recording.admit(request_id, spec.record, spec.record_key)
         self._batch = batch
 
     def route(self, batch: Sequence[str], counts: torch.Tensor, positions: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ independently). After the forward, ``collect`` copies each request's tokens out 
 buffers with the position of its first one, so a chunked prefill lands where it belongs and a
 preempted request that is computed again overwrites its earlier record. ``take`` joins a
 request's chunks into one ``FeatureRecord`` per site, ``[1, length, width]``, with padding
-(value 0, index -1) at positions nothing recorded.
+(value 0, index -1) at positions nothing recorded. A request may also name a key of the
+client's (a server's clients know no engine request ids), by which ``take_keyed`` finds it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _Chunk:
 @dataclass
 class _RequestRecord:
     requests: dict[str, Features]  # by site
+    key: str | None
     chunks: dict[str, list[_Chunk]] = field(default_factory=dict)
 
 
@@ -62,6 +64,7 @@ class EngineRecording:
         self._recorders = recorders
         self._retain = retain
         self._records: OrderedDict[Hashable, _RequestRecord] = OrderedDict()
+        self._keys: dict[str, Hashable] = {}  # the request id of each client key
         self._spans: tuple[_Span, ...] = ()  # the tokens the planned forward records
         self._planned: tuple[str, ...] = ()  # the sites it records at
 
@@ -70,11 +73,14 @@ class EngineRecording:
         """Requests whose records are kept here: running, or finished and not yet taken."""
         return len(self._records)
 
-    def admit(self, request_id: Hashable, requests: Sequence[Features]) -> None:
+    def admit(self, request_id: Hashable, requests: Sequence[Features], key: str | None = None) -> None:
         """Record ``requests`` (validated against the sites already) for ``request_id`` from its
-        next forward on. A request admitted again (preempted, then resumed) keeps its record."""
+        next forward on, also known by ``key`` if given (a later request with the same key takes
+        it over). A request admitted again (preempted, then resumed) keeps its record."""
         if requests and request_id not in self._records:
-            self._records[request_id] = _RequestRecord({request.site: request for request in requests})
+            self._records[request_id] = _RequestRecord({request.site: request for request in requests}, key)
+            if key is not None:
+                self._keys[key] = request_id
 
     def plan(self, batch: Sequence[Hashable], counts: Sequence[int], positions: torch.Tensor) -> None:
         """Plan the next forward: ``batch[i]`` owns its next ``counts[i]`` tokens, whose positions
@@ -141,10 +147,22 @@ class EngineRecording:
         nothing, or whose records were dropped, are left out."""
         taken = {}
         for request_id in request_ids:
-            record = self._records.pop(request_id, None)
+            record = self._forget(request_id)
             if record is not None:
                 taken[request_id] = {name: _joined(record.requests[name], chunks) for name, chunks in record.chunks.items()}
         return taken
+
+    def take_keyed(self, keys: Sequence[str]) -> dict[str, dict[str, FeatureRecord]]:
+        """``take`` of the requests that named ``keys``, by key; a key not held is left out."""
+        known = {key: self._keys[key] for key in keys if key in self._keys}
+        taken = self.take(list(known.values()))
+        return {key: taken[request_id] for key, request_id in known.items() if request_id in taken}
+
+    def _forget(self, request_id: Hashable) -> _RequestRecord | None:
+        record = self._records.pop(request_id, None)
+        if record is not None and record.key is not None and self._keys.get(record.key) == request_id:
+            del self._keys[record.key]
+        return record
 
     def _evict(self, running: set[Hashable]) -> None:
         """Drop the oldest records of requests not running past ``retain`` (never taken)."""
@@ -152,7 +170,7 @@ class EngineRecording:
             if len(self._records) <= self._retain:
                 return
             if request_id not in running:
-                del self._records[request_id]
+                self._forget(request_id)
 
 
 def _token_plan(rows: list[int], widths: list[int], kinds: list[tuple[int, ...] | None]) -> RecordPlan:

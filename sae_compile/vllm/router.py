@@ -21,7 +21,7 @@ import torch
 from ..edits import Steering
 from ..features import features_from_json
 from ..runtime.engine import EngineState, RequestSpec
-from .spec import RECORD_KEY, STEERING_KEY
+from .spec import RECORD_KEY, RECORD_NAME_KEY, STEERING_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class BatchRouter:
         self._state.route(request_ids, starts.diff(), positions if positions.dim() == 1 else positions[0])
 
     def _describe(self, request_id: str) -> RequestSpec:
-        """A new request's steering, prompt length and record requests, read from the runner's
+        """A new request's steering, prompt length, record requests and their key, read from the runner's
         request state. The front end validates every request; one that bypassed it and does not
         parse runs unsteered, or unrecorded, rather than take the worker (and every other
         request) down."""
@@ -59,7 +59,7 @@ class BatchRouter:
         extra_args = request.sampling_params.extra_args or {}
         steering = _parsed(request_id, extra_args.get(STEERING_KEY), Steering.from_json)
         record = _parsed(request_id, extra_args.get(RECORD_KEY), lambda text: self._state.checked_record(features_from_json(text)))
-        return RequestSpec(steering, request.num_prompt_tokens, record or ())
+        return RequestSpec(steering, request.num_prompt_tokens, record or (), extra_args.get(RECORD_NAME_KEY))
 
 
 def _parsed(request_id: str, text: str | None, parse: Callable[[str], Any]) -> Any:

@@ -20,6 +20,8 @@ from ..runtime.state import Capacity
 STEERING_KEY = "sae_steering"
 #: The ``SamplingParams.extra_args`` key of a request's record requests (``features_to_json``).
 RECORD_KEY = "sae_record"
+#: The ``extra_args`` key of the client's name for a request's records (how a server's client fetches them).
+RECORD_NAME_KEY = "sae_record_key"
 CONFIG_KEY = "sae_compile"
 
 

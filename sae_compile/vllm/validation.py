@@ -27,27 +27,31 @@ from ..lowering.sites import Site
 from ..runtime.engine import SiteShape, validate_record, validate_steering
 from ..runtime.state import Capacity
 from ..sae import SAE
-from .spec import RECORD_KEY, STEERING_KEY
+from .spec import RECORD_KEY, RECORD_NAME_KEY, STEERING_KEY
+
+MAX_RECORD_KEY_LENGTH = 256
 
 
 class _FrontEnd:
-    """The attached sites' shapes of the steered engines this process accepts requests for."""
+    """The attached sites' shapes of the steered engines this process accepts requests for, and
+    whether they serve HTTP clients (``served``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._shapes: dict[str, SiteShape] | None = None
+        self.served = False
         self._engines = 0
 
-    def register(self, shapes: Mapping[str, SiteShape]) -> None:
+    def register(self, shapes: Mapping[str, SiteShape], served: bool) -> None:
         shapes = dict(shapes)
         with self._lock:
-            if self._engines and shapes != self._shapes:
+            if self._engines and (shapes, served) != (self._shapes, self.served):
                 raise ValueError(
                     "sae_compile.vllm: another steered engine in this process attaches other sites "
                     f"({sorted(self._shapes or {})}); requests are validated per process, so one process "
                     "serves engines with the same sites only. Shut the other engine down first."
                 )
-            self._shapes, self._engines = shapes, self._engines + 1
+            self._shapes, self.served, self._engines = shapes, served, self._engines + 1
 
     def unregister(self) -> None:
         with self._lock:
@@ -65,9 +69,10 @@ class _FrontEnd:
 _FRONT_END = _FrontEnd()
 
 
-def register(shapes: Mapping[str, SiteShape]) -> None:
-    """Validate this process's requests against ``shapes`` until a matching ``unregister``."""
-    _FRONT_END.register(shapes)
+def register(shapes: Mapping[str, SiteShape], *, served: bool = False) -> None:
+    """Validate this process's requests against ``shapes`` until a matching ``unregister``.
+    ``served``: the requests come from HTTP clients of an engine that reads no prefix cache."""
+    _FRONT_END.register(shapes, served)
 
 
 def unregister() -> None:
@@ -97,22 +102,35 @@ def request_record(params: SamplingParams) -> tuple[Features, ...]:
 
     Raises ValueError naming the problem: malformed JSON, an unattached site or one without an
     SAE, a ``top_k`` or feature list the record buffers cannot hold, a feature out of range, a
-    request of ``n > 1`` samples, or one that may read prompt positions from the prefix cache
-    (they would not be computed, so not recorded).
+    request of ``n > 1`` samples, one that may read prompt positions from the prefix cache
+    (they would not be computed, so not recorded), or, from a server's client, one that names
+    no key to fetch its records by.
     """
-    text = (params.extra_args or {}).get(RECORD_KEY)
+    extra_args = params.extra_args or {}
+    text = extra_args.get(RECORD_KEY)
     if text is None:
         return ()
     requests = features_from_json(text)
     if params.n != 1:
         raise ValueError(f"record: a request of n={params.n} samples cannot record; record one sample per request (n=1).")
-    if not params.skip_reading_prefix_cache:
+    if not (_FRONT_END.served or params.skip_reading_prefix_cache):
         raise ValueError(
             "record: a recording request must compute every prompt position, so it must skip the prefix cache "
             "(skip_reading_prefix_cache=True, which sae_compile.vllm.sampling_params(record=...) sets)."
         )
+    _check_record_key(extra_args.get(RECORD_NAME_KEY))
     validate_record(requests, _FRONT_END.shapes())
     return requests
+
+
+def _check_record_key(key: object) -> None:
+    if key is None and _FRONT_END.served:
+        raise ValueError(
+            f"record: name the key to fetch this request's records by, in vllm_xargs[{RECORD_NAME_KEY!r}] "
+            "(a string unique to the request, such as a UUID), then POST it to /v1/sae_features."
+        )
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_RECORD_KEY_LENGTH):
+        raise ValueError(f"record: {RECORD_NAME_KEY} must be a string of 1 to {MAX_RECORD_KEY_LENGTH} characters, got {key!r:.80}.")
 
 
 def front_end_shapes(

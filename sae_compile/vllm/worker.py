@@ -24,6 +24,7 @@ from vllm.config import CompilationMode, CUDAGraphMode
 from vllm.platforms import current_platform
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
+from ..features import FeatureRecord
 from ..lowering.engine_pass import EngineSteeringPass
 from ..lowering.sites import layer_stack
 from ..runtime.engine import EngineState
@@ -105,8 +106,11 @@ class SteeringWorker(_platform_worker()):
     def sae_compile_take_records(self, request_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """What ``request_ids`` recorded, by request and site (``records.record_to_wire`` of each
         ``[1, length, width]`` record), forgotten here once taken (``LLM.collective_rpc``)."""
-        taken = self.sae_state.recording.take(request_ids)
-        return {request_id: {name: record_to_wire(record) for name, record in sites.items()} for request_id, sites in taken.items()}
+        return _on_wire(self.sae_state.recording.take(request_ids))
+
+    def sae_compile_take_keyed_records(self, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """``sae_compile_take_records`` of the requests that named ``keys`` (``extra_args["sae_record_key"]``), by key."""
+        return _on_wire(self.sae_state.recording.take_keyed(keys))
 
     def sae_compile_stats(self) -> dict[str, Any]:
         """What this worker's steering holds: for tests and monitoring (``LLM.collective_rpc``)."""
@@ -119,3 +123,7 @@ class SteeringWorker(_platform_worker()):
             "records_held": self.sae_state.recording.held,
             "handles": self.sae_state.handles,
         }
+
+
+def _on_wire(taken: dict[Any, dict[str, FeatureRecord]]) -> dict[Any, dict[str, dict[str, Any]]]:
+    return {owner: {name: record_to_wire(record) for name, record in sites.items()} for owner, sites in taken.items()}
