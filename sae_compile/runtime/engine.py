@@ -138,4 +138,4 @@ class EngineState:
         """Route the next forward: ``batch[i]`` owns the next ``counts[i]`` of its tokens, at
         ``positions`` (``[num_tokens]``) of their sequences."""
         self.requests.assign_tokens(batch, counts, positions)
-        self.recording.plan(batch, counts.tolist(), positions)
+        self.recording.plan(batch, counts, positions)

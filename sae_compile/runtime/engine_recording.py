@@ -82,12 +82,13 @@ class EngineRecording:
             if key is not None:
                 self._keys[key] = request_id
 
-    def plan(self, batch: Sequence[Hashable], counts: Sequence[int], positions: torch.Tensor) -> None:
-        """Plan the next forward: ``batch[i]`` owns its next ``counts[i]`` tokens, whose positions
-        in their sequences ``positions [num_tokens]`` hold (read back only for recording requests)."""
+    def plan(self, batch: Sequence[Hashable], counts: torch.Tensor, positions: torch.Tensor) -> None:
+        """Plan the next forward: ``batch[i]`` owns its next ``counts[i]`` tokens (a host tensor),
+        whose positions in their sequences ``positions [num_tokens]`` hold (read back only for
+        recording requests)."""
         if not (self._records or self._planned):
             return  # nothing records, nothing did: an unrecorded step costs this
-        self._spans = self._recording_spans(batch, counts, positions)
+        self._spans = self._recording_spans(batch, counts.tolist(), positions)
         plans = self._site_plans()
         for name, recorder in self._recorders.items():
             if recorder.plan is not None or name in plans:

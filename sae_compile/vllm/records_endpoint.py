@@ -3,7 +3,7 @@
 A recording request names a key of its own (``vllm_xargs["sae_record_key"]``); once it has
 finished, ``{"keys": [...]}`` posted here answers ``{key: {site: record}}`` for the keys whose
 records the workers hold, and the workers forget them. A record is ``{"dtype", "values",
-"indices", "features"}`` (``records.record_to_wire``): ``values [1, positions, width]`` over
+"indices", "features"}`` (``records.record_to_json``): ``values [1, positions, width]`` over
 every position the request computed (its prompt, then each generated token but the last),
 ``indices`` alike for a top-k request (-1 at padding), None for a dense one.
 
@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
+from .records import record_from_wire, record_to_json
 from .validation import MAX_RECORD_KEY_LENGTH
 
 PATH = "/v1/sae_features"
@@ -62,10 +63,15 @@ async def _answer(scope: Scope, receive: Receive, send: Send) -> None:
         except ValueError as error:
             response = JSONResponse({"error": str(error)}, status_code=400)
         else:
-            engine = scope["app"].state.engine_client
-            ranks = await engine.collective_rpc("sae_compile_take_keyed_records", args=(keys,))
-            response = JSONResponse(ranks[0])  # every rank records alike
+            response = JSONResponse(await _taken(scope["app"].state.engine_client, keys))
     await response(scope, receive, send)
+
+
+async def _taken(engine: Any, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The records of ``keys`` that the workers hold, as JSON, by key and site."""
+    ranks = await engine.collective_rpc("sae_compile_take_keyed_records", args=(keys,))
+    taken = ranks[0]  # every rank records alike
+    return {key: {name: record_to_json(record_from_wire(wire)) for name, wire in sites.items()} for key, sites in taken.items()}
 
 
 def _keys(body: bytes) -> list[str]:
