@@ -35,7 +35,7 @@ class _Chunk:
     """What one forward recorded of one request at one site, from position ``start`` on."""
 
     start: int
-    values: torch.Tensor  # [n, width]
+    values: torch.Tensor  # [n, width], a view of the forward's copy of the site's record
     indices: torch.Tensor | None  # [n, width]; None for a dense request
 
 
@@ -119,7 +119,8 @@ class EngineRecording:
         return {name: _token_plan(*columns) for name, columns in rows.items()}
 
     def collect(self) -> None:
-        """After the planned forward: copy each recording request's tokens out of the buffers."""
+        """After the planned forward: copy the recorded tokens out of the buffers, once per site,
+        and hand each recording request its part (a view of that copy)."""
         for name in self._planned:
             recorder = self._recorders[name]
             if recorder.written_width is None:
@@ -128,7 +129,7 @@ class EngineRecording:
                 logger.error("sae_compile: the forward recorded nothing at %s; its requests' records miss these tokens.", name)
                 continue
             tokens = self._spans[-1].offset + self._spans[-1].count
-            values, indices = recorder.output(tokens, 1, recorder.written_width)  # [N, 1, width] each
+            values, indices = (out[:, 0].clone() for out in recorder.output(tokens, 1, recorder.written_width))  # [N, width]
             for span in self._spans:
                 self._keep(span, name, values, indices)
             recorder.written_width = None
@@ -139,9 +140,8 @@ class EngineRecording:
         if request is None:
             return
         tokens = slice(span.offset, span.offset + span.count)
-        kept = values[tokens, 0, : request.width].clone()  # [n, width]
-        kept_indices = None if request.features is not None else indices[tokens, 0, : request.width].clone()
-        record.chunks.setdefault(name, []).append(_Chunk(span.position, kept, kept_indices))
+        kept_indices = None if request.features is not None else indices[tokens, : request.width]
+        record.chunks.setdefault(name, []).append(_Chunk(span.position, values[tokens, : request.width], kept_indices))
 
     def take(self, request_ids: Sequence[Hashable]) -> dict[Hashable, dict[str, FeatureRecord]]:
         """The records of ``request_ids`` (on the CPU), which are forgotten here; ids that recorded
@@ -184,13 +184,26 @@ def _token_plan(rows: list[int], widths: list[int], kinds: list[tuple[int, ...] 
 
 def _joined(request: Features, chunks: list[_Chunk]) -> FeatureRecord:
     """The chunks of one request at one site as ``[1, length, width]``; later chunks win."""
+    if _in_sequence(chunks):
+        values = torch.cat([chunk.values for chunk in chunks]).cpu()
+        indices = None if request.features is not None else torch.cat([chunk.indices for chunk in chunks]).cpu()
+        return FeatureRecord(values[None], None if indices is None else indices[None], request.features)
     length = max(chunk.start + chunk.values.shape[0] for chunk in chunks)
-    width = request.width
-    values = torch.zeros(length, width, dtype=chunks[0].values.dtype)
-    indices = None if request.features is not None else torch.full((length, width), PAD_INDEX, dtype=torch.long)
+    values = torch.zeros(length, request.width, dtype=chunks[0].values.dtype)
+    indices = None if request.features is not None else torch.full((length, request.width), PAD_INDEX, dtype=torch.long)
     for chunk in chunks:
         positions = slice(chunk.start, chunk.start + chunk.values.shape[0])
         values[positions] = chunk.values.cpu()
         if indices is not None:
             indices[positions] = chunk.indices.cpu()
     return FeatureRecord(values[None], None if indices is None else indices[None], request.features)
+
+
+def _in_sequence(chunks: list[_Chunk]) -> bool:
+    """Whether the chunks cover positions 0.. one after the other (no gap, nothing computed twice)."""
+    end = 0
+    for chunk in chunks:
+        if chunk.start != end:
+            return False
+        end += chunk.values.shape[0]
+    return True
