@@ -4,9 +4,10 @@ each step, kept per request across steps until taken.
 An engine's forward is token-major (``[num_tokens, hidden]``, ragged by request), and the op
 records it as a batch of one-token rows, so a step's ``RecordPlan`` names tokens: each
 recording request's tokens, with its own width and kind (``row_features``: requests record
-independently). After the forward, ``collect`` copies each request's tokens out of the site
-buffers with the position of its first one, so a chunked prefill lands where it belongs and a
-preempted request that is computed again overwrites its earlier record. ``take`` joins a
+independently). After the forward, ``collect`` copies the recorded tokens out of each site's
+buffers once, and each request keeps its part (a view) with the position of its first token,
+so a chunked prefill lands where it belongs and a preempted request that is computed again
+overwrites its earlier record. ``take`` joins a
 request's chunks into one ``FeatureRecord`` per site, ``[1, length, width]``, with padding
 (value 0, index -1) at positions nothing recorded. A request may also name a key of the
 client's (a server's clients know no engine request ids), by which ``take_keyed`` finds it.

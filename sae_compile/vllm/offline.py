@@ -164,8 +164,8 @@ def _materialise(saes: Mapping[str, SAE | str], folder: Path) -> tuple[dict[str,
 
 def _forget_oldest(mapping: dict[str, str], limit: int) -> None:
     """Keep the newest ``limit`` entries: a worker keeps no more records than that either."""
-    for key in list(mapping)[: max(0, len(mapping) - limit)]:
-        del mapping[key]
+    while len(mapping) > limit:
+        del mapping[next(iter(mapping))]
 
 
 def _release(folder: tempfile.TemporaryDirectory) -> None:
