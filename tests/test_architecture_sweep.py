@@ -717,7 +717,8 @@ def sweep_one(arch: Arch) -> SweepResult:
 # --------------------------------------------------------------------------------------
 
 #: Architectures that fail today, with why: what layer 0's Dynamo graph and the HF source show
-#: (transformers 5.24). Strict xfails: a fix makes the test XPASS, and the entry must then go.
+#: (transformers 5.24; LongCat-Flash's MoE stopped breaking the graph in 5.25 and passes). Strict
+#: xfails: a fix makes the test XPASS, and the entry must then go.
 _STREAMS = "no sites: a multi-stream 4-D residual; the reference cannot name a [B, S, D] stream either"
 _MOE_BREAKS = (
     "no sites: the model compiles only with fullgraph=False, and its MoE's data-dependent expert loop breaks "
@@ -725,7 +726,7 @@ _MOE_BREAKS = (
 )
 KNOWN_FAILURES: dict[str, str] = {
     "cpmant": "no sites: 32 prompt positions are prepended to the sequence, so no stream is aligned with the input tokens",
-    "dbrx": _MOE_BREAKS, "qwen4_exp_text": _MOE_BREAKS, "longcat_flash": _MOE_BREAKS,
+    "dbrx": _MOE_BREAKS, "qwen4_exp_text": _MOE_BREAKS,
     "gemma3n_text": _STREAMS + " (AltUp: [4, B, S, D])",
     "deepseek_v4": _STREAMS + " (hyper-connections: [B, S, 4, D])", "hy_v4": _STREAMS + " (hyper-connections)",
 }
